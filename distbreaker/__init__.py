@@ -1,0 +1,36 @@
+"""distbreaker: a circuit breaker whose state every worker process shares through Redis.
+
+State, counters and windows live in Redis and change only inside Lua scripts; each process
+keeps a local snapshot so that availability checks and rejections never touch the network.
+"""
+
+from ._config import CircuitBreakerConfig, CircuitState
+from ._core import LocalSnapshot, Permit
+from ._errors import CircuitBreakerError, CircuitOpenError
+from .breaker import (
+    AsyncCircuitBreaker,
+    AsyncCircuitBreakerInterface,
+    CircuitBreaker,
+    CircuitBreakerInterface,
+)
+from .metrics import CircuitBreakerMetrics, FleetWindow
+from .stores import MemoryStore
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncCircuitBreaker",
+    "AsyncCircuitBreakerInterface",
+    "CircuitBreaker",
+    "CircuitBreakerConfig",
+    "CircuitBreakerError",
+    "CircuitBreakerInterface",
+    "CircuitBreakerMetrics",
+    "CircuitOpenError",
+    "CircuitState",
+    "FleetWindow",
+    "LocalSnapshot",
+    "MemoryStore",
+    "Permit",
+    "__version__",
+]

@@ -1,0 +1,328 @@
+"""The breaker logic shared by the sync and asyncio shells.
+
+Everything that decides lives here: the local snapshot and fast path, outcome
+classification, reply handling, callbacks. The shells in ``breaker.py`` only run the
+`ScriptCall`s this class builds, through a store, and hand the replies back.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from ._config import CircuitBreakerConfig, CircuitState
+from ._errors import CircuitOpenError
+from ._keys import DEFAULT_PREFIX, BreakerKeys, channel_for, validate_name, validate_prefix
+from ._ops import Code, Outcome, Push, Reply, ScriptCall, decode_reply
+from .metrics import CircuitBreakerMetrics, FleetWindow, _Counters
+
+__all__ = ["BreakerCore", "LocalSnapshot", "Permit", "StateChangeHook"]
+
+log = logging.getLogger("distbreaker")
+
+_monotonic = time.monotonic
+_perf = time.perf_counter
+_INF = math.inf
+_CLOSED, _OPEN, _HALF_OPEN = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
+
+StateChangeHook = Callable[[str, CircuitState, CircuitState], Any]
+
+
+@dataclass(frozen=True)
+class LocalSnapshot:
+    """This process's view of the shared state, and when (local monotonic) it was current."""
+
+    state: CircuitState  # effective: the override wins
+    forced: str
+    generation: int
+    server_ms: int
+    at: float
+    closed: bool  # a call may be admitted without asking Redis
+    known: bool = True
+
+
+_UNKNOWN = LocalSnapshot(_CLOSED, "", -1, -1, -_INF, closed=False, known=False)
+
+
+class Permit:
+    """An admitted call. Finish it exactly once; `mark_failure` lets a `protect()` body
+    report a failure that raised nothing (an HTTP 503, say)."""
+
+    __slots__ = ("failed", "generation", "lease", "record", "retry_after", "started")
+
+    def __init__(self, generation: int, lease: str, record: bool) -> None:
+        self.generation = generation
+        self.lease = lease
+        self.record = record
+        self.failed = False
+        self.retry_after: float | None = None
+        self.started = _perf()
+
+    @property
+    def is_probe(self) -> bool:
+        return bool(self.lease)
+
+    def mark_failure(self, retry_after: float | None = None) -> None:
+        """Record this call as failed even if it returns normally.
+
+        `retry_after` (seconds), e.g. from a provider's Retry-After header, sets the open
+        period if this failure trips the breaker.
+        """
+        self.failed = True
+        self.retry_after = retry_after
+
+
+class BreakerCore:
+    """State and decisions of one breaker in one process; no I/O."""
+
+    def __init__(
+        self,
+        name: str,
+        config: CircuitBreakerConfig | None,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        on_state_change: StateChangeHook | None = None,
+    ) -> None:
+        validate_name(name)
+        validate_prefix(prefix)
+        if config is None:
+            config = CircuitBreakerConfig()
+        elif not isinstance(config, CircuitBreakerConfig):
+            raise TypeError(
+                f"config must be a CircuitBreakerConfig, got {type(config).__name__}"
+            )
+        if on_state_change is not None and not callable(on_state_change):
+            raise TypeError("on_state_change must be callable(name, old_state, new_state)")
+        self.name = name
+        self.config = config
+        self.prefix = prefix
+        self.keys = BreakerKeys.for_name(name, prefix)
+        self.channel = channel_for(prefix)
+        self._on_state_change = on_state_change
+        self._snap = _UNKNOWN
+        self._admit_from = -_INF
+        self._lock = threading.Lock()
+        self._counters = _Counters()
+        self._base_args: list[str | int | float] = [
+            config.script_arg, config.fingerprint, self.channel, name,
+        ]
+        # Private test clock: a time in ms that replaces Redis TIME in the scripts.
+        self._now_ms: int | None = None
+
+    # -- fast path (no I/O) ---------------------------------------------------------------
+
+    def is_available(self) -> bool:
+        """Whether a call would be admitted now, from the local snapshot: no I/O.
+
+        False while OPEN (until the open period ends), while forced open, and while
+        HALF_OPEN once this process knows every probe permit is taken.
+        """
+        return _monotonic() >= self._admit_from
+
+    def get_state(self) -> CircuitState:
+        """The effective state (override included) as this process last saw it."""
+        return self._snap.state
+
+    @property
+    def snapshot(self) -> LocalSnapshot:
+        return self._snap
+
+    def _fast_admit(self) -> Permit | None:
+        """Admit locally when plainly CLOSED, raise when plainly not admissible; None means
+        ask Redis (acquire.lua)."""
+        s = self._snap
+        if s.closed:
+            return Permit(s.generation, "", not s.forced)
+        now = _monotonic()
+        if now < self._admit_from:
+            self._reject(s.state, s.forced, now)
+        return None
+
+    def _reject(self, state: CircuitState, forced: str, now: float) -> NoReturn:
+        self._counters.reject()
+        retry = None if forced == "open" else max(self._admit_from - now, 0.0)
+        raise CircuitOpenError(self.name, state, retry)
+
+    # -- script calls -----------------------------------------------------------------------
+
+    def _call(self, op: str, *extra: str | int | float) -> ScriptCall:
+        args = self._base_args.copy()
+        args.append(random.random())
+        args.append("" if self._now_ms is None else self._now_ms)
+        args.extend(extra)
+        return ScriptCall(op, self.keys.all, args)
+
+    def _acquire_call(self) -> ScriptCall:
+        return self._call("acquire", secrets.token_hex(8))
+
+    def _after_acquire(self, call: ScriptCall, raw: Any) -> tuple[Permit, list[tuple[Any, ...]]]:
+        """Apply an acquire reply; return the permit and the events to fire, or raise
+        CircuitOpenError (after firing events)."""
+        r = decode_reply(raw)
+        events = self._apply_reply(r, _monotonic())
+        if r.decision == 0:
+            self._fire(events)
+            self._counters.reject()
+            if r.forced == "open":
+                retry: float | None = None
+            else:
+                retry = max(r.retry_after_ms, 0) / 1000.0
+            raise CircuitOpenError(self.name, r.effective, retry)
+        lease = str(call.args[-1]) if r.decision == 2 else ""
+        return Permit(r.generation, lease, r.forced != "closed"), events
+
+    def _finish(
+        self, permit: Permit, exc: BaseException | None, result: Any, *, timed_out: bool = False
+    ) -> ScriptCall | None:
+        """Classify a finished call, count it, and build its record call (None: nothing to
+        send, e.g. a call admitted under a forced-closed override)."""
+        cfg = self.config
+        duration = _perf() - permit.started
+        timeout = timed_out or (
+            cfg.timeout_duration is not None and duration > cfg.timeout_duration
+        )
+        slow = cfg.slow_call_duration is not None and duration > cfg.slow_call_duration
+        retry_after = permit.retry_after
+        failed: bool | None
+        if timeout:
+            failed = True
+        elif exc is not None:
+            if not isinstance(exc, Exception) or isinstance(exc, cfg.ignore_exceptions):
+                failed = None  # cancellation, interpreter exit, or excluded by config
+            else:
+                failed = isinstance(exc, cfg.record_exceptions)
+                if failed and retry_after is None:
+                    retry_after = _retry_after_of(exc)
+        else:
+            failed = permit.failed
+            if not failed and cfg.is_failure_result is not None:
+                try:
+                    failed = bool(cfg.is_failure_result(result))
+                except Exception:
+                    log.exception("is_failure_result raised; counting the call as failed",
+                                  extra={"breaker": self.name})
+                    failed = True
+        self._counters.outcome(failed, duration, slow, timeout)
+        if not permit.record and not permit.lease:
+            return None
+        code = Code.NONE if failed is None else Code.of(failed, slow)
+        ra = 0 if not retry_after or retry_after <= 0 else max(1, round(retry_after * 1000))
+        return self._call("record", permit.generation, int(code), permit.lease, ra)
+
+    def _abandon(self, permit: Permit) -> ScriptCall | None:
+        """The record call that gives a probe lease back without an outcome."""
+        if not permit.lease:
+            return None
+        return self._call("record", permit.generation, int(Code.NONE), permit.lease, 0)
+
+    def _after_record(self, call: ScriptCall, raw: Any) -> list[tuple[Any, ...]]:
+        r = decode_reply(raw)
+        # outcome groups start at args[6]; the code is the second item of each
+        sent = sum(1 for i in range(7, len(call.args), 4) if call.args[i] != int(Code.NONE))
+        if sent > r.decision:
+            self._counters.add("stale", sent - r.decision)
+        return self._apply_reply(r, _monotonic())
+
+    def _after_snapshot(self, raw: Any) -> Reply:
+        r = decode_reply(raw)
+        self._apply_reply(r, _monotonic(), snapshot=True)
+        return r
+
+    # -- applying what the store says ------------------------------------------------------
+
+    def _apply_reply(self, r: Reply, recv: float, snapshot: bool = False) -> list[tuple[Any, ...]]:
+        eff = r.effective
+        if eff is _CLOSED:
+            admit_from = -_INF
+        elif eff is _OPEN:
+            admit_from = _INF if r.forced == "open" else recv + max(
+                r.open_until_ms - r.now_ms, 0) / 1000.0
+        elif r.probes_free == 0:
+            wait = r.retry_after_ms / 1000.0 if r.retry_after_ms > 0 else self.config.lease_s
+            admit_from = recv + wait
+        else:
+            admit_from = -_INF
+        snap = LocalSnapshot(eff, r.forced, r.generation, r.now_ms, recv, eff is _CLOSED)
+        self._install(snap, admit_from)
+        if r.note:
+            log.warning("repaired breaker state in Redis: %s", r.note,
+                        extra={"breaker": self.name, "event": "distbreaker.repaired"})
+        if r.transition_from and not snapshot:
+            self._counters.add("state_changes")
+            return [(self.name, CircuitState(r.transition_from), eff)]
+        return []
+
+    def _apply_push(self, p: Push, recv: float) -> None:
+        eff = p.to_state
+        if eff is _CLOSED:
+            admit_from = -_INF
+        elif eff is _OPEN:
+            admit_from = _INF if p.forced == "open" else recv + max(
+                p.open_until_ms - p.now_ms, 0) / 1000.0
+        else:
+            admit_from = -_INF
+        self._install(
+            LocalSnapshot(eff, p.forced, p.generation, p.now_ms, recv, eff is _CLOSED),
+            admit_from,
+        )
+
+    def _install(self, snap: LocalSnapshot, admit_from: float) -> None:
+        with self._lock:
+            cur = self._snap
+            # Replies can arrive out of order across threads: keep the newest by server time
+            # and generation, unless ours is too old to trust (e.g. Redis was replaced).
+            if (
+                (snap.server_ms, snap.generation) < (cur.server_ms, cur.generation)
+                and snap.at - cur.at < self.config.max_staleness
+            ):
+                return
+            self._snap = snap
+            self._admit_from = admit_from
+
+    def _forget(self) -> None:
+        """Drop the snapshot so the next call asks Redis first (e.g. after a fork)."""
+        with self._lock:
+            self._snap = _UNKNOWN
+            self._admit_from = -_INF
+
+    def _is_stale(self, now: float) -> bool:
+        return now - self._snap.at > self.config.max_staleness
+
+    def _fire(self, events: list[tuple[Any, ...]]) -> None:
+        """Run on_state_change for transitions this process made; never under a lock."""
+        hook = self._on_state_change
+        if hook is None:
+            return
+        for name, old, new in events:
+            try:
+                hook(name, old, new)
+            except Exception:
+                log.exception("on_state_change hook raised", extra={"breaker": name})
+
+    def _metrics(self, fleet_reply: Reply | None) -> CircuitBreakerMetrics:
+        fleet = None
+        if fleet_reply is not None:
+            x = fleet_reply.extra
+            fleet = FleetWindow(
+                calls=fleet_reply.calls, failures=fleet_reply.failures, slow=fleet_reply.slow,
+                consecutive_failures=fleet_reply.consecutive_failures,
+                half_open_successes=int(x[0]), reopen_count=int(x[1]),
+                active_probes=int(x[5]), generation=fleet_reply.generation,
+                config_fingerprint=str(x[4]),
+            )
+        return self._counters.view(self.name, self._snap.state.value, fleet)
+
+
+def _retry_after_of(exc: BaseException) -> float | None:
+    """A `retry_after` attribute (seconds) on the exception, if it carries a usable one."""
+    v = getattr(exc, "retry_after", None)
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and math.isfinite(v):
+        return float(v)
+    return None

@@ -1,0 +1,33 @@
+"""Exceptions raised to callers."""
+
+from __future__ import annotations
+
+from ._config import CircuitState
+
+__all__ = ["CircuitBreakerError", "CircuitOpenError"]
+
+
+class CircuitBreakerError(Exception):
+    """Base class of every error distbreaker raises on purpose."""
+
+
+class CircuitOpenError(CircuitBreakerError):
+    """The breaker did not admit the call.
+
+    `retry_after` is how many seconds remain until a probe may be admitted, computed from
+    Redis time (None while an operator override holds the breaker open, 0.0 when the
+    breaker is half-open and every probe permit is taken).
+    """
+
+    def __init__(self, name: str, state: CircuitState, retry_after: float | None) -> None:
+        self.name = name
+        self.state = state
+        self.retry_after = retry_after
+        if retry_after is None:
+            when = "held open by an operator override"
+        else:
+            when = f"retry after {retry_after:.3f}s"
+        super().__init__(f"circuit breaker {name!r} is {state.value}: {when}")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.name, self.state, self.retry_after))

@@ -1,0 +1,189 @@
+"""Sans-I/O script calls: argument building and reply decoding, shared by every shell.
+
+Nothing here touches the network. A store runs ``(op, keys, args)`` and hands the raw
+reply back to `decode_reply`; the memory store runs the same arguments through the pure
+model, so all stores speak exactly the script protocol described in ``lua/_lib.lua``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ._config import CircuitBreakerConfig, CircuitState
+from ._keys import BreakerKeys
+
+__all__ = [
+    "Code",
+    "Outcome",
+    "Push",
+    "Reply",
+    "ScriptCall",
+    "decode_push",
+    "decode_reply",
+    "effective_state",
+]
+
+
+class Code(enum.IntEnum):
+    """Outcome codes understood by record.lua."""
+
+    OK = 0
+    FAILED = 1
+    SLOW_OK = 2
+    SLOW_FAILED = 3
+    NONE = 4  # no outcome (ignored exception, cancellation): only return the lease
+
+    @staticmethod
+    def of(failed: bool, slow: bool) -> Code:
+        return Code(int(failed) + 2 * int(slow))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One finished call as record.lua receives it."""
+
+    generation: int
+    code: Code
+    lease: str = ""
+    retry_after_ms: int = 0
+
+    def argv(self) -> tuple[int, int, str, int]:
+        return (self.generation, int(self.code), self.lease, self.retry_after_ms)
+
+
+@dataclass(frozen=True)
+class ScriptCall:
+    """Everything a store needs to run one script: operation, KEYS and ARGV."""
+
+    op: str
+    keys: list[str]
+    args: list[str | int | float]
+
+
+def base_args(
+    cfg: CircuitBreakerConfig, name: str, channel: str, rnd: float, now_ms: int | None
+) -> list[str | int | float]:
+    return [cfg.script_arg, cfg.fingerprint, channel, name, rnd, "" if now_ms is None else now_ms]
+
+
+def build_call(
+    op: str,
+    keys: BreakerKeys,
+    cfg: CircuitBreakerConfig,
+    channel: str,
+    *,
+    rnd: float = 0.5,
+    now_ms: int | None = None,
+    extra: Sequence[str | int | float] = (),
+) -> ScriptCall:
+    args = base_args(cfg, keys.name, channel, rnd, now_ms)
+    args.extend(extra)
+    return ScriptCall(op, keys.all, args)
+
+
+def _s(v: Any) -> str:
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    if v is None:
+        return ""
+    return str(v)
+
+
+def _i(v: Any) -> int:
+    if isinstance(v, int):
+        return v
+    return int(_s(v) or 0)
+
+
+def effective_state(state: str, forced: str) -> CircuitState:
+    return CircuitState(forced or state)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A decoded script reply (field order: see the end of ``lua/_lib.lua``)."""
+
+    decision: int
+    state: str
+    forced: str
+    generation: int
+    open_until_ms: int
+    now_ms: int
+    transition_from: str
+    retry_after_ms: int
+    probes_free: int
+    calls: int
+    failures: int
+    slow: int
+    consecutive_failures: int
+    note: str
+    extra: tuple[Any, ...] = ()
+
+    @property
+    def effective(self) -> CircuitState:
+        return effective_state(self.state, self.forced)
+
+
+def decode_reply(raw: Sequence[Any]) -> Reply:
+    """Decode a script reply; raises ValueError if it is not one of ours."""
+    if not isinstance(raw, (list, tuple)) or len(raw) < 14:
+        raise ValueError(f"unexpected script reply: {raw!r}")
+    state = _s(raw[1])
+    forced = _s(raw[2])
+    if state not in ("closed", "open", "half_open") or forced not in ("", "open", "closed"):
+        raise ValueError(f"unexpected state in script reply: {raw!r}")
+    return Reply(
+        decision=_i(raw[0]),
+        state=state,
+        forced=forced,
+        generation=_i(raw[3]),
+        open_until_ms=_i(raw[4]),
+        now_ms=_i(raw[5]),
+        transition_from=_s(raw[6]),
+        retry_after_ms=_i(raw[7]),
+        probes_free=_i(raw[8]),
+        calls=_i(raw[9]),
+        failures=_i(raw[10]),
+        slow=_i(raw[11]),
+        consecutive_failures=_i(raw[12]),
+        note=_s(raw[13]),
+        extra=tuple(_s(x) if isinstance(x, bytes) else x for x in raw[14:]),
+    )
+
+
+@dataclass(frozen=True)
+class Push:
+    """A transition message from the pub/sub channel."""
+
+    event: str  # t transition, p probe freed, f override changed, r reset
+    from_state: CircuitState
+    to_state: CircuitState
+    generation: int
+    open_until_ms: int
+    now_ms: int
+    forced: str
+    name: str
+
+
+def decode_push(data: Any) -> Push | None:
+    """Parse a channel message; None for anything that is not a v1 message."""
+    try:
+        parts = _s(data).split(" ", 8)
+        if len(parts) != 9 or parts[0] != "v1":
+            return None
+        _, event, frm, to, gen, until, now, forced, name = parts
+        return Push(
+            event,
+            CircuitState(frm),
+            CircuitState(to),
+            int(gen),
+            int(until),
+            int(now),
+            "" if forced == "-" else forced,
+            name,
+        )
+    except ValueError:
+        return None

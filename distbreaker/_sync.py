@@ -1,0 +1,263 @@
+"""Keeping every local snapshot current: one pub/sub listener per process and client.
+
+A hub holds the breakers of one client and channel. It applies every transition message
+to the breakers of that name, refreshes a breaker whose snapshot is older than its
+`max_staleness`, and refreshes all of them whenever the subscription is (re)established,
+because messages published while it was down are lost. The sync hub is a daemon thread;
+the asyncio hub is a task on the running loop. Both share the registry and dispatch below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import threading
+import time
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from ._ops import decode_push
+
+__all__ = ["AsyncHub", "Hub", "MemoryHub", "ThreadHub", "hub_for"]
+
+log = logging.getLogger("distbreaker")
+
+
+class _Member(Protocol):
+    name: str
+
+    def _apply_push(self, p: Any, recv: float) -> None: ...
+    def _is_stale(self, now: float) -> bool: ...
+
+
+class Hub:
+    """Breakers by name, weakly held, and the dispatch of channel messages to them."""
+
+    def __init__(self, channel: str) -> None:
+        self.channel = channel
+        self._lock = threading.Lock()
+        self._members: dict[str, weakref.WeakSet[Any]] = {}
+
+    def add(self, member: Any) -> None:
+        with self._lock:
+            self._members.setdefault(member.name, weakref.WeakSet()).add(member)
+
+    def remove(self, member: Any) -> None:
+        with self._lock:
+            ws = self._members.get(member.name)
+            if ws is not None:
+                ws.discard(member)
+                if not ws:
+                    del self._members[member.name]
+
+    def members(self) -> list[Any]:
+        with self._lock:
+            return [m for ws in self._members.values() for m in ws]
+
+    def dispatch(self, data: Any) -> None:
+        p = decode_push(data)
+        if p is None:
+            return
+        with self._lock:
+            ws = self._members.get(p.name)
+            targets = list(ws) if ws is not None else []
+        recv = time.monotonic()
+        for m in targets:
+            m._apply_push(p, recv)
+
+    def _tick(self, members: list[Any]) -> float:
+        st = min((m.config.max_staleness for m in members), default=1.0)
+        return min(max(st / 4, 0.02), 1.0)
+
+
+class MemoryHub(Hub):
+    """For the in-process store: messages arrive synchronously from the store itself."""
+
+    def __init__(self, store: Any, channel: str) -> None:
+        super().__init__(channel)
+        store.subscribe(channel, self.dispatch)
+
+
+class _Outage:
+    """Logs one warning when the listener loses Redis and one when it is back."""
+
+    def __init__(self, channel: str) -> None:
+        self.channel = channel
+        self.down_since: float | None = None
+        self.backoff = 0.05
+
+    def failed(self, exc: BaseException) -> float:
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            log.warning("distbreaker listener lost Redis (%s); retrying in the background",
+                        exc, extra={"event": "distbreaker.listener_down",
+                                    "channel": self.channel})
+        delay = self.backoff * (0.5 + random.random())
+        self.backoff = min(self.backoff * 2, 5.0)
+        return delay
+
+    def ok(self) -> None:
+        if self.down_since is not None:
+            log.warning("distbreaker listener reconnected after %.1fs",
+                        time.monotonic() - self.down_since,
+                        extra={"event": "distbreaker.listener_up", "channel": self.channel})
+            self.down_since = None
+        self.backoff = 0.05
+
+
+class ThreadHub(Hub):
+    """A daemon thread with one pub/sub connection for every breaker on one sync client."""
+
+    def __init__(self, client: Any, channel: str) -> None:
+        super().__init__(channel)
+        self._client = client
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def add(self, member: Any) -> None:
+        super().add(member)
+        with self._start_lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name=f"distbreaker-listener[{self.channel}]", daemon=True
+                )
+                self._thread.start()
+
+    def _refresh(self, members: list[Any], only_stale: bool) -> None:
+        now = time.monotonic()
+        for m in members:
+            if only_stale and not m._is_stale(now):
+                continue
+            try:
+                m._refresh()
+            except Exception as e:  # the next tick tries again
+                log.debug("refresh of %s failed: %s", m.name, e)
+
+    def _run(self) -> None:
+        ps = None
+        outage = _Outage(self.channel)
+        while True:
+            members = self.members()
+            if not members:
+                with self._start_lock:  # an add() racing with this exit starts a new thread
+                    if not self.members():
+                        self._thread = None
+                        break
+                continue
+            try:
+                if ps is None:
+                    ps = self._client.pubsub()
+                    ps.subscribe(self.channel)
+                msg = ps.get_message(timeout=self._tick(members))
+                if msg is not None:
+                    if msg["type"] == "subscribe":
+                        outage.ok()
+                        self._refresh(members, only_stale=False)
+                    elif msg["type"] == "message":
+                        self.dispatch(msg["data"])
+                self._refresh(members, only_stale=True)
+            except Exception as e:
+                delay = outage.failed(e)
+                ps = _close_quietly(ps)
+                time.sleep(delay)
+            del members
+        _close_quietly(ps)
+
+
+class AsyncHub(Hub):
+    """The same as a task on the running event loop, for `redis.asyncio` clients."""
+
+    def __init__(self, client: Any, channel: str) -> None:
+        super().__init__(channel)
+        self._client = client
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, member: Any) -> None:
+        super().add(member)
+        self.ensure_running()
+
+    def ensure_running(self) -> None:
+        """Start the listener task on the running loop, if there is one and it is not up."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        t = self._task
+        if t is None or t.done() or t.get_loop() is not loop:
+            self._task = loop.create_task(self._run(), name=f"distbreaker-listener[{self.channel}]")
+
+    async def _refresh(self, members: list[Any], only_stale: bool) -> None:
+        now = time.monotonic()
+        for m in members:
+            if only_stale and not m._is_stale(now):
+                continue
+            try:
+                await m._refresh()
+            except Exception as e:
+                log.debug("refresh of %s failed: %s", m.name, e)
+
+    async def _run(self) -> None:
+        ps = None
+        outage = _Outage(self.channel)
+        try:
+            while True:
+                members = self.members()
+                if not members:
+                    break
+                try:
+                    if ps is None:
+                        ps = self._client.pubsub()
+                        await ps.subscribe(self.channel)
+                    msg = await ps.get_message(timeout=self._tick(members))
+                    if msg is not None:
+                        if msg["type"] == "subscribe":
+                            outage.ok()
+                            await self._refresh(members, only_stale=False)
+                        elif msg["type"] == "message":
+                            self.dispatch(msg["data"])
+                    await self._refresh(members, only_stale=True)
+                except Exception as e:
+                    delay = outage.failed(e)
+                    ps = await _aclose_quietly(ps)
+                    await asyncio.sleep(delay)
+                del members
+        finally:
+            await _aclose_quietly(ps)
+
+
+def _close_quietly(ps: Any) -> None:
+    if ps is not None:
+        try:
+            ps.close()
+        except Exception:
+            pass
+    return None
+
+
+async def _aclose_quietly(ps: Any) -> None:
+    if ps is not None:
+        try:
+            close: Callable[[], Awaitable[None]] = getattr(ps, "aclose", None) or ps.close
+            await close()
+        except Exception:
+            pass
+    return None
+
+
+_HUBS: weakref.WeakValueDictionary[tuple[Any, ...], Hub] = weakref.WeakValueDictionary()
+_HUBS_LOCK = threading.Lock()
+
+
+def hub_for(kind: type[Hub], backend: Any, channel: str) -> Hub:
+    """The process's one hub for (client or store, channel); a forked child gets its own."""
+    key = (os.getpid(), kind.__name__, id(backend), channel)
+    with _HUBS_LOCK:
+        hub = _HUBS.get(key)
+        if hub is None:
+            hub = kind(backend, channel)  # type: ignore[call-arg]
+            hub._backend_ref = backend  # type: ignore[attr-defined]  # keeps id() unique
+            _HUBS[key] = hub
+        return hub

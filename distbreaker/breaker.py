@@ -1,0 +1,370 @@
+"""`CircuitBreaker` and `AsyncCircuitBreaker`: thin I/O shells over `BreakerCore`.
+
+Each public method is: ask the core for a script call, run it through the store, hand the
+reply back to the core, fire the callbacks it returns. The decisions are all in the core.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import functools
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, Generic, ParamSpec, TypeVar
+
+from ._config import CircuitBreakerConfig, CircuitState
+from ._core import BreakerCore, Permit, StateChangeHook
+from ._keys import DEFAULT_PREFIX
+from ._sync import AsyncHub, Hub, MemoryHub, ThreadHub, hub_for
+from .metrics import CircuitBreakerMetrics
+from .stores import AsyncMemoryStore, AsyncRedisStore, MemoryStore, RedisStore
+
+__all__ = [
+    "AsyncCircuitBreaker",
+    "AsyncCircuitBreakerInterface",
+    "CircuitBreaker",
+    "CircuitBreakerInterface",
+]
+
+T = TypeVar("T")
+R = TypeVar("R")
+P = ParamSpec("P")
+
+
+class CircuitBreakerInterface(abc.ABC, Generic[T]):
+    """What every synchronous breaker offers; `T` is the result type of guarded calls."""
+
+    @abc.abstractmethod
+    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T: ...
+
+    @abc.abstractmethod
+    def is_available(self) -> bool: ...
+
+    @abc.abstractmethod
+    def get_state(self) -> CircuitState: ...
+
+    @abc.abstractmethod
+    def get_metrics(self) -> CircuitBreakerMetrics: ...
+
+    @abc.abstractmethod
+    def reset(self) -> None: ...
+
+
+class AsyncCircuitBreakerInterface(abc.ABC, Generic[T]):
+    """The asyncio twin: `call`, `get_metrics` and `reset` are coroutines; `is_available`
+    and `get_state` stay plain methods because they never do I/O."""
+
+    @abc.abstractmethod
+    async def call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T: ...
+
+    @abc.abstractmethod
+    def is_available(self) -> bool: ...
+
+    @abc.abstractmethod
+    def get_state(self) -> CircuitState: ...
+
+    @abc.abstractmethod
+    async def get_metrics(self) -> CircuitBreakerMetrics: ...
+
+    @abc.abstractmethod
+    async def reset(self) -> None: ...
+
+
+def _is_async_client(obj: Any) -> bool:
+    mod = type(obj).__module__
+    return mod.startswith("redis.asyncio") or inspect.iscoroutinefunction(
+        getattr(obj, "execute_command", None)
+    )
+
+
+def _check_client(redis: Any, want_async: bool) -> None:
+    cls = "AsyncCircuitBreaker" if want_async else "CircuitBreaker"
+    hint = "redis.asyncio.Redis.from_url(url)" if want_async else "redis.Redis.from_url(url)"
+    if isinstance(redis, (str, bytes)):
+        raise TypeError(f"redis must be a client, not a URL: pass {hint}")
+    if not hasattr(redis, "register_script") or not hasattr(redis, "pubsub"):
+        raise TypeError(
+            f"redis must be a redis-py client (or None for an in-process store), "
+            f"got {type(redis).__name__}: pass {hint}"
+        )
+    if _is_async_client(redis) != want_async:
+        kind = "an asyncio" if not want_async else "a sync"
+        other = "AsyncCircuitBreaker" if not want_async else "CircuitBreaker"
+        raise TypeError(f"{cls} got {kind} client ({type(redis).__name__}); use {other}, "
+                        f"or pass {hint}")
+
+
+class CircuitBreaker(BreakerCore, CircuitBreakerInterface[Any]):
+    """A breaker shared through Redis, for threads and sync code.
+
+    ``redis`` is a ``redis.Redis`` client, a `MemoryStore` to share in-process state, or
+    None for a private in-process store. The constructor reads the shared state once so
+    that `is_available()` is right from the start; afterwards no fast-path method waits on
+    the network.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        config: CircuitBreakerConfig | None = None,
+        *,
+        redis: Any = None,
+        on_state_change: StateChangeHook | None = None,
+        prefix: str = DEFAULT_PREFIX,
+    ) -> None:
+        super().__init__(name, config, prefix=prefix, on_state_change=on_state_change)
+        self._store: MemoryStore | RedisStore
+        self._hub: Hub
+        if redis is None or isinstance(redis, MemoryStore):
+            self._store = redis if redis is not None else MemoryStore()
+            self._hub = hub_for(MemoryHub, self._store, self.channel)
+        else:
+            _check_client(redis, want_async=False)
+            self._store = RedisStore(redis)
+            self._hub = hub_for(ThreadHub, redis, self.channel)
+        self._hub.add(self)
+        try:
+            self._refresh()
+        except Exception:
+            pass  # the listener retries; the first call asks Redis anyway
+
+    # -- guarded calls ---------------------------------------------------------------------
+
+    def call(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run ``fn(*args, **kwargs)`` if the breaker admits it; record the outcome.
+
+        Raises CircuitOpenError without calling `fn` when the breaker is open.
+        """
+        permit = self._admit()
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as e:
+            self._done(permit, e, None)
+            raise
+        self._done(permit, None, result)
+        return result
+
+    def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
+        """Use the breaker as a decorator."""
+        if inspect.iscoroutinefunction(fn):
+            raise TypeError(f"{fn.__qualname__} is a coroutine function: use AsyncCircuitBreaker")
+
+        @functools.wraps(fn)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            return self.call(fn, *args, **kwargs)
+
+        return wrapper
+
+    @contextmanager
+    def protect(self) -> Iterator[Permit]:
+        """Guard a block: raises CircuitOpenError on entry if not admitted; an exception in
+        the block is a failure (per the config), `permit.mark_failure()` marks one too."""
+        permit = self._admit()
+        try:
+            yield permit
+        except BaseException as e:
+            self._done(permit, e, None)
+            raise
+        self._done(permit, None, None)
+
+    def _admit(self) -> Permit:
+        permit = self._fast_admit()
+        if permit is None:
+            call = self._acquire_call()
+            permit, events = self._after_acquire(call, self._store.run(call))
+            self._fire(events)
+        return permit
+
+    def _done(self, permit: Permit, exc: BaseException | None, result: Any) -> None:
+        call = self._finish(permit, exc, result)
+        if call is not None:
+            self._fire(self._after_record(call, self._store.run(call)))
+
+    # -- state and operator actions --------------------------------------------------------
+
+    def _refresh(self) -> None:
+        self._after_snapshot(self._store.run(self._call("snapshot")))
+
+    def refresh(self) -> CircuitState:
+        """Re-read the shared state now (one round trip) and return the effective state."""
+        self._refresh()
+        return self.get_state()
+
+    def get_metrics(self) -> CircuitBreakerMetrics:
+        """This process's counts plus the fleet-wide window (one round trip)."""
+        return self._metrics(self._after_snapshot(self._store.run(self._call("snapshot"))))
+
+    def _run_op(self, op: str, *extra: str) -> None:
+        call = self._call(op, *extra)
+        self._fire(self._after_record(call, self._store.run(call)))
+
+    def reset(self) -> None:
+        """Fleet-wide: back to CLOSED, counters and override cleared; and this process's
+        metrics cleared."""
+        self._run_op("reset")
+        self._counters.clear()
+
+    def force_open(self) -> None:
+        """Fleet-wide override: reject every call until `release()`."""
+        self._run_op("force", "open")
+
+    def force_closed(self) -> None:
+        """Fleet-wide override: admit every call until `release()`; outcomes are not counted."""
+        self._run_op("force", "closed")
+
+    def release(self) -> None:
+        """Clear the fleet-wide override; the breaker resumes from its own state."""
+        self._run_op("force", "")
+
+    def close(self) -> None:
+        """Stop listening for this breaker (the shared state in Redis stays)."""
+        self._hub.remove(self)
+
+    def __enter__(self) -> CircuitBreaker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<CircuitBreaker {self.name!r} {self.get_state().value}>"
+
+
+class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
+    """The asyncio twin of `CircuitBreaker`, over a ``redis.asyncio.Redis`` client.
+
+    A call that exceeds ``timeout_duration`` is cancelled and counts as a failure. Until the
+    first call (or `refresh()`), the breaker has not read the shared state: that first call
+    asks Redis before it runs, so a worker started while the fleet is OPEN never sends it.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        config: CircuitBreakerConfig | None = None,
+        *,
+        redis: Any = None,
+        on_state_change: StateChangeHook | None = None,
+        prefix: str = DEFAULT_PREFIX,
+    ) -> None:
+        super().__init__(name, config, prefix=prefix, on_state_change=on_state_change)
+        self._store: AsyncMemoryStore | AsyncRedisStore
+        self._hub: Hub
+        if redis is None or isinstance(redis, (MemoryStore, AsyncMemoryStore)):
+            if isinstance(redis, AsyncMemoryStore):
+                self._store = redis
+            else:
+                self._store = AsyncMemoryStore(redis)
+            self._hub = hub_for(MemoryHub, self._store.sync, self.channel)
+        else:
+            _check_client(redis, want_async=True)
+            self._store = AsyncRedisStore(redis)
+            self._hub = hub_for(AsyncHub, redis, self.channel)
+        self._hub.add(self)
+
+    async def call(
+        self, fn: Callable[P, Awaitable[R]], *args: P.args, **kwargs: P.kwargs
+    ) -> R:
+        """Await ``fn(*args, **kwargs)`` if admitted, with `timeout_duration` applied."""
+        permit = await self._admit()
+        timeout = self.config.timeout_duration
+        try:
+            if timeout is None:
+                result = await fn(*args, **kwargs)
+            else:
+                result = await asyncio.wait_for(fn(*args, **kwargs), timeout)
+        except asyncio.TimeoutError as e:
+            await self._done(permit, e, None, timed_out=timeout is not None)
+            raise
+        except BaseException as e:
+            await self._done(permit, e, None)
+            raise
+        await self._done(permit, None, result)
+        return result
+
+    def __call__(self, fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+        """Use the breaker as a decorator of coroutine functions."""
+        if not inspect.iscoroutinefunction(fn):
+            raise TypeError(f"{getattr(fn, '__qualname__', fn)!r} is not a coroutine function: "
+                            "use CircuitBreaker")
+
+        @functools.wraps(fn)
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            return await self.call(fn, *args, **kwargs)
+
+        return wrapper
+
+    @asynccontextmanager
+    async def protect(self) -> AsyncIterator[Permit]:
+        """``async with breaker.protect() as permit:``; see `CircuitBreaker.protect`."""
+        permit = await self._admit()
+        try:
+            yield permit
+        except BaseException as e:
+            await self._done(permit, e, None)
+            raise
+        await self._done(permit, None, None)
+
+    async def _admit(self) -> Permit:
+        self._hub_running()
+        permit = self._fast_admit()
+        if permit is None:
+            call = self._acquire_call()
+            permit, events = self._after_acquire(call, await self._store.run(call))
+            self._fire(events)
+        return permit
+
+    def _hub_running(self) -> None:
+        if isinstance(self._hub, AsyncHub):
+            self._hub.ensure_running()
+
+    async def _done(
+        self, permit: Permit, exc: BaseException | None, result: Any, *, timed_out: bool = False
+    ) -> None:
+        call = self._finish(permit, exc, result, timed_out=timed_out)
+        if call is not None:
+            self._fire(self._after_record(call, await self._store.run(call)))
+
+    async def _refresh(self) -> None:
+        self._after_snapshot(await self._store.run(self._call("snapshot")))
+
+    async def refresh(self) -> CircuitState:
+        """Re-read the shared state now (one round trip) and start the listener."""
+        self._hub_running()
+        await self._refresh()
+        return self.get_state()
+
+    async def get_metrics(self) -> CircuitBreakerMetrics:
+        return self._metrics(self._after_snapshot(await self._store.run(self._call("snapshot"))))
+
+    async def _run_op(self, op: str, *extra: str) -> None:
+        self._hub_running()
+        call = self._call(op, *extra)
+        self._fire(self._after_record(call, await self._store.run(call)))
+
+    async def reset(self) -> None:
+        await self._run_op("reset")
+        self._counters.clear()
+
+    async def force_open(self) -> None:
+        await self._run_op("force", "open")
+
+    async def force_closed(self) -> None:
+        await self._run_op("force", "closed")
+
+    async def release(self) -> None:
+        await self._run_op("force", "")
+
+    async def close(self) -> None:
+        self._hub.remove(self)
+
+    async def __aenter__(self) -> AsyncCircuitBreaker:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"<AsyncCircuitBreaker {self.name!r} {self.get_state().value}>"

@@ -1,0 +1,123 @@
+"""Per-process call metrics, plus the fleet-wide window read from the store."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["CircuitBreakerMetrics", "FleetWindow"]
+
+_LAT_RING = 1024
+
+
+@dataclass(frozen=True)
+class FleetWindow:
+    """The shared sliding window as the store holds it right now (every process's calls)."""
+
+    calls: int
+    failures: int
+    slow: int
+    consecutive_failures: int
+    half_open_successes: int
+    reopen_count: int
+    active_probes: int
+    generation: int
+    config_fingerprint: str
+
+    @property
+    def failure_rate(self) -> float:
+        return self.failures / self.calls if self.calls else 0.0
+
+
+@dataclass(frozen=True)
+class CircuitBreakerMetrics:
+    """What this process saw, and (`fleet`) what the whole fleet's window holds."""
+
+    name: str
+    state: str
+    total_calls: int
+    successful_calls: int
+    failed_calls: int
+    rejected_calls: int
+    slow_calls: int
+    timeouts: int
+    ignored_calls: int
+    stale_outcomes: int
+    state_changes: int
+    mean_latency_s: float
+    p95_latency_s: float
+    fleet: FleetWindow | None = field(default=None)
+
+    @property
+    def failure_rate(self) -> float:
+        done = self.successful_calls + self.failed_calls
+        return self.failed_calls / done if done else 0.0
+
+    @property
+    def success_rate(self) -> float:
+        done = self.successful_calls + self.failed_calls
+        return self.successful_calls / done if done else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["failure_rate"] = self.failure_rate
+        d["success_rate"] = self.success_rate
+        return d
+
+
+class _Counters:
+    """Thread-safe process-local counters with a bounded latency sample ring."""
+
+    __slots__ = ("_i", "_lat", "_lock", "failed", "ignored", "rejected", "slow", "stale",
+                 "state_changes", "successful", "timeouts", "total")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lat: list[float] = []
+        self._i = 0
+        self.total = self.successful = self.failed = self.rejected = 0
+        self.slow = self.timeouts = self.ignored = self.stale = self.state_changes = 0
+
+    def reject(self) -> None:
+        with self._lock:
+            self.rejected += 1
+
+    def outcome(self, failed: bool | None, duration: float, slow: bool, timeout: bool) -> None:
+        with self._lock:
+            self.total += 1
+            if failed is None:
+                self.ignored += 1
+            elif failed:
+                self.failed += 1
+            else:
+                self.successful += 1
+            self.slow += slow
+            self.timeouts += timeout
+            if len(self._lat) < _LAT_RING:
+                self._lat.append(duration)
+            else:
+                self._lat[self._i] = duration
+                self._i = (self._i + 1) % _LAT_RING
+
+    def add(self, attr: str, n: int = 1) -> None:
+        with self._lock:
+            setattr(self, attr, getattr(self, attr) + n)
+
+    def view(self, name: str, state: str, fleet: FleetWindow | None) -> CircuitBreakerMetrics:
+        with self._lock:
+            lat = sorted(self._lat)
+            mean = sum(lat) / len(lat) if lat else 0.0
+            p95 = lat[min(len(lat) - 1, int(0.95 * len(lat)))] if lat else 0.0
+            return CircuitBreakerMetrics(
+                name, state, self.total, self.successful, self.failed, self.rejected,
+                self.slow, self.timeouts, self.ignored, self.stale, self.state_changes,
+                mean, p95, fleet,
+            )
+
+    def clear(self) -> None:
+        with self._lock:
+            self._lat.clear()
+            self._i = 0
+            self.total = self.successful = self.failed = self.rejected = 0
+            self.slow = self.timeouts = self.ignored = self.stale = self.state_changes = 0

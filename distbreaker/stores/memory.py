@@ -1,0 +1,85 @@
+"""The in-process store: the pure model behind the script protocol.
+
+For single-process use and tests. Share one `MemoryStore` between breakers to share state,
+as they would through Redis; transition messages reach subscribers synchronously, after
+the store's lock is released.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .._model import BreakerModel, ModelConfig
+from .._ops import ScriptCall
+
+__all__ = ["AsyncMemoryStore", "MemoryStore"]
+
+Subscriber = Callable[[str], None]
+
+
+class MemoryStore:
+    """Thread-safe; its clock is this process's monotonic clock, in ms."""
+
+    def __init__(self, clock_ms: Callable[[], int] | None = None) -> None:
+        self._lock = threading.Lock()
+        self._models: dict[str, BreakerModel] = {}
+        self._subs: dict[str, list[Subscriber]] = {}
+        self._clock = clock_ms or (lambda: int(time.monotonic() * 1000))
+
+    def run(self, call: ScriptCall) -> list[Any]:
+        a = call.args
+        cfg_s, fp, channel, name = str(a[0]), str(a[1]), str(a[2]), str(a[3])
+        rnd = float(a[4])
+        with self._lock:
+            now = int(a[5]) if a[5] != "" else self._clock()
+            m = self._models.setdefault(call.keys[0], BreakerModel())
+            msgs: list[str] = []
+            cfg = ModelConfig.parse(cfg_s)
+            if call.op == "acquire":
+                reply, msgs = m.acquire(cfg, fp, name, rnd, now, str(a[6]))
+            elif call.op == "record":
+                groups = [
+                    (int(a[i]), int(a[i + 1]), str(a[i + 2]), int(a[i + 3]))
+                    for i in range(6, len(a), 4)
+                ]
+                reply, msgs = m.record(cfg, fp, name, rnd, now, groups)
+            elif call.op == "snapshot":
+                reply = m.snapshot(cfg, now)
+            elif call.op == "force":
+                reply, msgs = m.force(fp, name, now, str(a[6]))
+            elif call.op == "reset":
+                reply, msgs = m.reset(fp, name, now)
+            else:
+                raise ValueError(f"unknown operation {call.op!r}")
+            subs = list(self._subs.get(channel, ()))
+        for msg in msgs:
+            for cb in subs:
+                cb(msg)
+        return reply
+
+    def subscribe(self, channel: str, callback: Subscriber) -> None:
+        with self._lock:
+            self._subs.setdefault(channel, []).append(callback)
+
+    def unsubscribe(self, channel: str, callback: Subscriber) -> None:
+        with self._lock:
+            subs = self._subs.get(channel, [])
+            if callback in subs:
+                subs.remove(callback)
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._models)
+
+
+class AsyncMemoryStore:
+    """The same in-process store behind an awaitable `run`."""
+
+    def __init__(self, store: MemoryStore | None = None) -> None:
+        self.sync = store or MemoryStore()
+
+    async def run(self, call: ScriptCall) -> list[Any]:
+        return self.sync.run(call)

@@ -1,0 +1,273 @@
+-- distbreaker shared library, prepended to every script by distbreaker/_scripts.py.
+--
+-- Every script takes the same KEYS and the same first six ARGV:
+--   KEYS[1]  distbreaker:v1:{<name>}          HASH  breaker state
+--   KEYS[2]  distbreaker:v1:{<name>}:window   HASH  sliding window
+--   KEYS[3]  distbreaker:v1:{<name>}:probes   ZSET  half-open probe leases (score = expiry ms)
+--   ARGV[1]  config: ft,rt_ms,st,frt,minc,count,wn,bucket_ms,srt,homax,maxrt_ms,mult,jitter,lease_ms,ttl_ms
+--   ARGV[2]  config fingerprint (stored with the state to detect drift)
+--   ARGV[3]  pub/sub channel for transition messages
+--   ARGV[4]  breaker name (only copied into messages)
+--   ARGV[5]  a random number in [0, 1) from the client, for backoff jitter
+--   ARGV[6]  '' (use Redis TIME) or a time in ms; only the test suite sets it
+-- and returns the same reply array (see reply() below); snapshot.lua appends more fields.
+
+local K_STATE, K_WIN, K_PROBES = KEYS[1], KEYS[2], KEYS[3]
+
+local function num(v, d)
+  v = tonumber(v)
+  if v == nil or v ~= v then return d end
+  return v
+end
+
+local function parse_cfg(s)
+  local c = {}
+  for v in string.gmatch(s, '[^,]+') do c[#c + 1] = tonumber(v) end
+  return {ft = c[1], rt = c[2], st = c[3], frt = c[4], minc = c[5], count = c[6] == 1,
+          wn = c[7], bw = c[8], srt = c[9], homax = c[10], maxrt = c[11], mult = c[12],
+          jitter = c[13], lease = c[14], ttl = c[15]}
+end
+
+local CFG = parse_cfg(ARGV[1])
+local FP, CHANNEL, NAME, RND = ARGV[2], ARGV[3], ARGV[4], num(ARGV[5], 0.5)
+
+local NOW
+if ARGV[6] ~= nil and ARGV[6] ~= '' then
+  NOW = tonumber(ARGV[6])
+else
+  local t = redis.call('TIME')
+  NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local NOTE = ''
+
+local function repair(why)
+  -- Garbage in our keys must never reach a caller: drop what cannot be read, say so.
+  if NOTE == '' then NOTE = why else NOTE = NOTE .. ';' .. why end
+end
+
+local STATES = {closed = true, open = true, half_open = true}
+local FORCED = {[''] = true, open = true, closed = true}
+
+-- S: the state hash as a table; S.dirty marks that it must be written back.
+local function load()
+  local ok, v = pcall(redis.call, 'HMGET', K_STATE, 'state', 'generation', 'open_until_ms',
+    'consecutive_failures', 'half_open_successes', 'reopen_count', 'forced', 'updated_at_ms')
+  if not ok then
+    redis.call('DEL', K_STATE, K_WIN, K_PROBES)
+    repair('state key had the wrong type')
+    v = {}
+  end
+  local S = {state = v[1], gen = num(v[2], 0), open_until = num(v[3], 0), cf = num(v[4], 0),
+             hs = num(v[5], 0), reopen = num(v[6], 0), forced = v[7] or '',
+             updated = num(v[8], 0), dirty = false, from = ''}
+  if S.state == nil or S.state == false then
+    S.state = 'closed'
+    S.new = true
+    S.dirty = true
+  elseif not STATES[S.state] then
+    repair('unknown state ' .. tostring(S.state))
+    S.state = 'closed'
+    S.dirty = true
+  end
+  if not FORCED[S.forced] then
+    repair('unknown override ' .. tostring(S.forced))
+    S.forced = ''
+    S.dirty = true
+  end
+  for _, f in ipairs({'gen', 'open_until', 'cf', 'hs', 'reopen'}) do
+    if S[f] < 0 or S[f] ~= math.floor(S[f]) then
+      repair('bad counter ' .. f)
+      S[f] = 0
+      S.dirty = true
+    end
+  end
+  return S
+end
+
+local function effective(state, forced)
+  if forced ~= '' then return forced end
+  return state
+end
+
+-- Rewrites every field (one HSET) and refreshes the TTL of state and window.
+local function save(S)
+  if not S.dirty and NOW - S.updated < CFG.ttl / 8 then return end
+  redis.call('HSET', K_STATE, 'state', S.state, 'generation', S.gen,
+    'open_until_ms', S.open_until, 'consecutive_failures', S.cf,
+    'half_open_successes', S.hs, 'reopen_count', S.reopen, 'forced', S.forced,
+    'config_fingerprint', FP, 'updated_at_ms', NOW)
+  if S.opened_at then redis.call('HSET', K_STATE, 'opened_at_ms', S.opened_at) end
+  redis.call('PEXPIRE', K_STATE, CFG.ttl)
+  redis.call('PEXPIRE', K_WIN, CFG.ttl)
+end
+
+-- Every transition goes through here: bumps the generation, clears what belonged to the
+-- old one (window, probes, counters), and remembers the effective state it left.
+local function transition(S, to, open_ms)
+  if S.from == '' then S.from = effective(S.state, S.forced) end
+  S.state = to
+  S.gen = S.gen + 1
+  S.cf = 0
+  S.hs = 0
+  if to == 'open' then
+    S.opened_at = NOW
+    S.open_until = NOW + open_ms
+  elseif to == 'closed' then
+    S.reopen = 0
+    S.open_until = 0
+  end
+  S.dirty = true
+  S.cleared = true
+  redis.call('DEL', K_WIN, K_PROBES)
+end
+
+-- How long to stay open on a reopen from half-open: exponential backoff, capped, jittered.
+local function backoff_ms(reopen)
+  local d = CFG.rt * (CFG.mult ^ reopen)
+  if d > CFG.maxrt then d = CFG.maxrt end
+  d = d * (1 + CFG.jitter * (2 * RND - 1))
+  if d > CFG.maxrt then d = CFG.maxrt end
+  if d < 1 then d = 1 end
+  return math.floor(d)
+end
+
+local function publish(S, event)
+  -- "v1 <event> <from> <to> <generation> <open_until_ms> <now_ms> <forced|-> <name>"
+  local to = effective(S.state, S.forced)
+  local from = S.from
+  if from == '' then from = to end
+  local f = S.forced
+  if f == '' then f = '-' end
+  redis.call('PUBLISH', CHANNEL, 'v1 ' .. event .. ' ' .. from .. ' ' .. to .. ' ' .. S.gen ..
+    ' ' .. S.open_until .. ' ' .. NOW .. ' ' .. f .. ' ' .. NAME)
+end
+
+-- Time window: CFG.wn buckets of CFG.bw ms; fields e (newest bucket epoch), c f s (totals),
+-- c<i> f<i> s<i> (bucket i). Buckets that fell out are subtracted (and, when write is set,
+-- deleted) before use, so the totals always cover the last wn buckets.
+local function window_time(write)
+  local ep = math.floor(NOW / CFG.bw)
+  local i = ep % CFG.wn
+  local w = redis.call('HMGET', K_WIN, 'e', 'c', 'f', 's', 'c' .. i, 'f' .. i, 's' .. i)
+  local last = tonumber(w[1])
+  local W = {c = num(w[2], 0), f = num(w[3], 0), s = num(w[4], 0), bc = num(w[5], 0),
+             bf = num(w[6], 0), bs = num(w[7], 0), ep = ep, i = i, set = {}}
+  if last == nil or ep - last >= CFG.wn or last - ep >= CFG.wn
+      or W.c < 0 or W.f < 0 or W.s < 0 or W.f > W.c or W.s > W.c then
+    if last ~= nil and (W.c < 0 or W.f > W.c or W.s > W.c) then repair('bad window totals') end
+    if write and last ~= nil then redis.call('DEL', K_WIN) end
+    W.c, W.f, W.s, W.bc, W.bf, W.bs, W.fresh = 0, 0, 0, 0, 0, 0, true
+    return W
+  end
+  if ep < last then
+    -- Server clock stepped back: keep counting in the newest bucket.
+    W.ep, W.i = last, last % CFG.wn
+    if W.i ~= i then
+      local b = redis.call('HMGET', K_WIN, 'c' .. W.i, 'f' .. W.i, 's' .. W.i)
+      W.bc, W.bf, W.bs = num(b[1], 0), num(b[2], 0), num(b[3], 0)
+    end
+    return W
+  end
+  local del = {}
+  for k = last + 1, ep do
+    local j = k % CFG.wn
+    local oc, of, os
+    if j == i then
+      oc, of, os = W.bc, W.bf, W.bs
+      W.bc, W.bf, W.bs = 0, 0, 0
+    else
+      local b = redis.call('HMGET', K_WIN, 'c' .. j, 'f' .. j, 's' .. j)
+      oc, of, os = num(b[1], 0), num(b[2], 0), num(b[3], 0)
+      if b[1] then del[#del + 1] = 'c' .. j; del[#del + 1] = 'f' .. j; del[#del + 1] = 's' .. j end
+    end
+    W.c, W.f, W.s = W.c - oc, W.f - of, W.s - os
+  end
+  if W.c < 0 or W.f < 0 or W.s < 0 then
+    repair('bad window buckets')
+    if write then redis.call('DEL', K_WIN) end
+    W.c, W.f, W.s, W.bc, W.bf, W.bs, W.fresh = 0, 0, 0, 0, 0, 0, true
+    return W
+  end
+  if write and #del > 0 then redis.call('HDEL', K_WIN, unpack(del)) end
+  return W
+end
+
+-- Count window: a ring of CFG.wn slots; fields n (filled), h (next slot), f s (totals),
+-- and one field per slot holding 0 ok, 1 failed, 2 slow ok, 3 slow failed.
+local function window_count()
+  local w = redis.call('HMGET', K_WIN, 'n', 'h', 'f', 's')
+  local W = {c = num(w[1], 0), h = num(w[2], 0), f = num(w[3], 0), s = num(w[4], 0)}
+  if w[1] == false or w[1] == nil then
+    W.fresh = true
+  elseif W.c > CFG.wn or W.h >= CFG.wn or W.h < 0 or W.f < 0 or W.s < 0
+      or W.f > W.c or W.s > W.c then
+    repair('window from another config')
+    redis.call('DEL', K_WIN)
+    W.c, W.h, W.f, W.s, W.fresh = 0, 0, 0, 0, true
+  end
+  return W
+end
+
+local function window_view()
+  if CFG.count then return window_count() end
+  return window_time(false)
+end
+
+-- Adds one outcome (failed, slow) to the window and returns the new totals.
+local function window_add(failed, slow)
+  local W
+  if CFG.count then
+    W = window_count()
+    local slot = tostring(W.h)
+    if W.c >= CFG.wn then
+      local old = num(redis.call('HGET', K_WIN, slot), 0)
+      if old == 1 or old == 3 then W.f = W.f - 1 end
+      if old >= 2 then W.s = W.s - 1 end
+    else
+      W.c = W.c + 1
+    end
+    local code = 0
+    if failed then W.f = W.f + 1; code = 1 end
+    if slow then W.s = W.s + 1; code = code + 2 end
+    redis.call('HSET', K_WIN, 'n', W.c, 'h', (W.h + 1) % CFG.wn, 'f', W.f, 's', W.s, slot, code)
+  else
+    W = window_time(true)
+    W.c, W.bc = W.c + 1, W.bc + 1
+    if failed then W.f, W.bf = W.f + 1, W.bf + 1 end
+    if slow then W.s, W.bs = W.s + 1, W.bs + 1 end
+    redis.call('HSET', K_WIN, 'e', W.ep, 'c', W.c, 'f', W.f, 's', W.s,
+      'c' .. W.i, W.bc, 'f' .. W.i, W.bf, 's' .. W.i, W.bs)
+  end
+  if W.fresh then redis.call('PEXPIRE', K_WIN, CFG.ttl) end
+  return W
+end
+
+-- Removes expired leases; returns how many are active and when the first one ends.
+local function probes_active()
+  local ok = pcall(redis.call, 'ZREMRANGEBYSCORE', K_PROBES, '-inf', NOW)
+  if not ok then
+    redis.call('DEL', K_PROBES)
+    repair('probes key had the wrong type')
+    return 0, 0
+  end
+  local n = redis.call('ZCARD', K_PROBES)
+  local first = 0
+  if n > 0 then
+    local r = redis.call('ZRANGE', K_PROBES, 0, 0, 'WITHSCORES')
+    first = num(r[2], NOW)
+  end
+  return n, first
+end
+
+-- The reply every script returns (Lua numbers become Redis integers):
+--  1 decision  2 state  3 forced  4 generation  5 open_until_ms  6 now_ms
+--  7 transition_from ('' if none)  8 retry_after_ms (-1: until the override is released)
+--  9 probes_free (-1: unknown)  10 window calls  11 window failures  12 window slow
+--  13 consecutive_failures  14 note ('' or what was repaired)
+local function reply(decision, S, retry_after, free, W)
+  local c, f, s = -1, -1, -1
+  if W then c, f, s = W.c, W.f, W.s end
+  return {decision, S.state, S.forced, S.gen, S.open_until, NOW, S.from, retry_after, free,
+          c, f, s, S.cf, NOTE}
+end

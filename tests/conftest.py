@@ -1,0 +1,38 @@
+"""Shared fixtures: a private redis-server per session, flushed before each test.
+
+No test skips for lack of Redis: if redis-server cannot start, the fixture fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import fakeredis
+import pytest
+import redis
+
+from redis_server import RedisServer
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    c = redis_server.client()
+    c.flushall()
+    c.script_flush()  # every test also walks the NOSCRIPT reload path
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def fake_client() -> Iterator[fakeredis.FakeRedis]:
+    server = fakeredis.FakeServer()
+    c = fakeredis.FakeRedis(server=server)
+    yield c
+    c.close()

@@ -276,10 +276,12 @@ class BreakerCore:
     def _install(self, snap: LocalSnapshot, admit_from: float) -> None:
         with self._lock:
             cur = self._snap
-            # Replies can arrive out of order across threads: keep the newest by server time
-            # and generation, unless ours is too old to trust (e.g. Redis was replaced).
+            # Replies can arrive out of order across threads. Within one generation the
+            # state is the same, so only an older generation is dropped; a lower generation
+            # with a newer server time means the store was emptied and starts over.
             if (
-                (snap.server_ms, snap.generation) < (cur.server_ms, cur.generation)
+                snap.generation < cur.generation
+                and snap.server_ms <= cur.server_ms
                 and snap.at - cur.at < self.config.max_staleness
             ):
                 return

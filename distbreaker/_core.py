@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 from ._config import CircuitBreakerConfig, CircuitState
 from ._errors import CircuitOpenError
 from ._keys import DEFAULT_PREFIX, BreakerKeys, channel_for, validate_name, validate_prefix
-from ._ops import Code, Outcome, Push, Reply, ScriptCall, decode_reply
+from ._ops import Code, Push, Reply, ScriptCall, decode_reply
 from .metrics import CircuitBreakerMetrics, FleetWindow, _Counters
 
 __all__ = ["BreakerCore", "LocalSnapshot", "Permit", "StateChangeHook"]

@@ -22,11 +22,17 @@ def validate_name(name: object) -> str:
     if not name:
         raise ValueError("breaker name must not be empty")
     if len(name) > MAX_NAME_LENGTH:
-        raise ValueError(f"breaker name must be at most {MAX_NAME_LENGTH} characters, got {len(name)}")
+        raise ValueError(
+            f"breaker name must be at most {MAX_NAME_LENGTH} characters, got {len(name)}"
+        )
     if "{" in name or "}" in name:
-        raise ValueError(f"breaker name must not contain '{{' or '}}' (hash tag), got {name!r}")
+        raise ValueError(
+            f"breaker name must not contain '{{' or '}}' (hash tag), got {name!r}"
+        )
     if any(ord(ch) < 32 or ord(ch) == 127 or ch.isspace() for ch in name):
-        raise ValueError(f"breaker name must not contain whitespace or control characters, got {name!r}")
+        raise ValueError(
+            f"breaker name must not contain whitespace or control characters, got {name!r}"
+        )
     return name
 
 
@@ -35,7 +41,9 @@ def validate_prefix(prefix: object) -> str:
     if not isinstance(prefix, str) or not prefix:
         raise ValueError(f"prefix must be a non-empty str, got {prefix!r}")
     if any(ch in prefix for ch in "{} ") or any(ord(ch) < 32 for ch in prefix):
-        raise ValueError(f"prefix must not contain braces, spaces or control characters, got {prefix!r}")
+        raise ValueError(
+            f"prefix must not contain braces, spaces or control characters, got {prefix!r}"
+        )
     return prefix
 
 

@@ -30,9 +30,9 @@ def script_source(op: str) -> str:
     if op not in OPS:
         raise ValueError(f"unknown script {op!r}; expected one of {', '.join(OPS)}")
     d = _lua_dir()
-    return d.joinpath("_lib.lua").read_text("utf-8") + "\n" + d.joinpath(f"{op}.lua").read_text(
-        "utf-8"
-    )
+    lib: str = d.joinpath("_lib.lua").read_text("utf-8")
+    body: str = d.joinpath(f"{op}.lua").read_text("utf-8")
+    return lib + "\n" + body
 
 
 class ScriptSet:

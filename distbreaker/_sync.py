@@ -10,6 +10,7 @@ the asyncio hub is a task on the running loop. Both share the registry and dispa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -161,7 +162,8 @@ class ThreadHub(Hub):
                 self._refresh(members, only_stale=True)
             except Exception as e:
                 delay = outage.failed(e)
-                ps = _close_quietly(ps)
+                _close_quietly(ps)
+                ps = None
                 time.sleep(delay)
             del members
         _close_quietly(ps)
@@ -221,7 +223,8 @@ class AsyncHub(Hub):
                     await self._refresh(members, only_stale=True)
                 except Exception as e:
                     delay = outage.failed(e)
-                    ps = await _aclose_quietly(ps)
+                    await _aclose_quietly(ps)
+                    ps = None
                     await asyncio.sleep(delay)
                 del members
         finally:
@@ -230,11 +233,8 @@ class AsyncHub(Hub):
 
 def _close_quietly(ps: Any) -> None:
     if ps is not None:
-        try:
+        with contextlib.suppress(Exception):
             ps.close()
-        except Exception:
-            pass
-    return None
 
 
 async def _aclose_quietly(ps: Any) -> None:
@@ -244,7 +244,6 @@ async def _aclose_quietly(ps: Any) -> None:
             await close()
         except Exception:
             pass
-    return None
 
 
 _HUBS: weakref.WeakValueDictionary[tuple[Any, ...], Hub] = weakref.WeakValueDictionary()

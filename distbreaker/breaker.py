@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import functools
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -125,10 +126,9 @@ class CircuitBreaker(BreakerCore, CircuitBreakerInterface[Any]):
             self._store = RedisStore(redis)
             self._hub = hub_for(ThreadHub, redis, self.channel)
         self._hub.add(self)
-        try:
+        # Best effort: the listener retries, and the first call asks Redis anyway.
+        with contextlib.suppress(Exception):
             self._refresh()
-        except Exception:
-            pass  # the listener retries; the first call asks Redis anyway
 
     # -- guarded calls ---------------------------------------------------------------------
 

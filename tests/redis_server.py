@@ -38,7 +38,7 @@ class RedisServer:
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         if not os.path.exists(REDIS_SERVER):
-            raise RuntimeError(f"redis-server not found at {REDIS_SERVER}: install it (.ci/run does)")
+            raise RuntimeError(f"redis-server not found at {REDIS_SERVER}: install it")
         self.proc = subprocess.Popen(
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", self.dir, "--protected-mode", "no", *self.extra],

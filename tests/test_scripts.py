@@ -142,7 +142,8 @@ def test_keys_readable_with_hgetall_and_expire(redis_client: redis.Redis) -> Non
     for _ in range(2):
         with pytest.raises(ZeroDivisionError):
             b.call(lambda: 1 / 0)
-    h = {k.decode(): v.decode() for k, v in redis_client.hgetall("distbreaker:v1:{readable}").items()}
+    raw = redis_client.hgetall("distbreaker:v1:{readable}")
+    h = {k.decode(): v.decode() for k, v in raw.items()}
     assert h["state"] == "open"
     assert h["generation"] == "1"
     assert int(h["open_until_ms"]) - int(h["opened_at_ms"]) == 30_000

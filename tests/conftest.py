@@ -10,7 +10,6 @@ from collections.abc import Iterator
 import fakeredis
 import pytest
 import redis
-
 from redis_server import RedisServer
 
 

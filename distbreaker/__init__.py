@@ -14,17 +14,33 @@ from .breaker import (
     CircuitBreakerInterface,
 )
 from .metrics import CircuitBreakerMetrics, FleetWindow
+from .providers import (
+    AllProvidersUnavailableError,
+    AsyncCircuitBreakerManager,
+    AsyncProviderCircuitBreaker,
+    CircuitBreakerManager,
+    ProviderCircuitBreaker,
+    ProviderType,
+    circuit_breaker_protect,
+    configure,
+    get_circuit_breaker_manager,
+    initialize_provider_circuit_breakers,
+)
 from .stores import MemoryStore
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AllProvidersUnavailableError",
     "AsyncCircuitBreaker",
     "AsyncCircuitBreakerInterface",
+    "AsyncCircuitBreakerManager",
+    "AsyncProviderCircuitBreaker",
     "CircuitBreaker",
     "CircuitBreakerConfig",
     "CircuitBreakerError",
     "CircuitBreakerInterface",
+    "CircuitBreakerManager",
     "CircuitBreakerMetrics",
     "CircuitOpenError",
     "CircuitState",
@@ -32,5 +48,11 @@ __all__ = [
     "LocalSnapshot",
     "MemoryStore",
     "Permit",
+    "ProviderCircuitBreaker",
+    "ProviderType",
     "__version__",
+    "circuit_breaker_protect",
+    "configure",
+    "get_circuit_breaker_manager",
+    "initialize_provider_circuit_breakers",
 ]

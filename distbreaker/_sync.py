@@ -161,6 +161,8 @@ class ThreadHub(Hub):
                         self.dispatch(msg["data"])
                 self._refresh(members, only_stale=True)
             except Exception as e:
+                if not self.members():
+                    continue  # closed while Redis went away: exit without a warning
                 delay = outage.failed(e)
                 _close_quietly(ps)
                 ps = None
@@ -222,6 +224,8 @@ class AsyncHub(Hub):
                             self.dispatch(msg["data"])
                     await self._refresh(members, only_stale=True)
                 except Exception as e:
+                    if not self.members():
+                        continue
                     delay = outage.failed(e)
                     await _aclose_quietly(ps)
                     ps = None

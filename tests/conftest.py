@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import fakeredis
 import pytest
 import redis
+
 from redis_server import RedisServer
 
 

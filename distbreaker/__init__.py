@@ -6,7 +6,7 @@ keeps a local snapshot so that availability checks and rejections never touch th
 
 from ._config import CircuitBreakerConfig, CircuitState
 from ._core import LocalSnapshot, Permit
-from ._errors import CircuitBreakerError, CircuitOpenError
+from ._errors import CircuitBreakerError, CircuitOpenError, StoreUnavailableError
 from .breaker import (
     AsyncCircuitBreaker,
     AsyncCircuitBreakerInterface,
@@ -50,6 +50,7 @@ __all__ = [
     "Permit",
     "ProviderCircuitBreaker",
     "ProviderType",
+    "StoreUnavailableError",
     "__version__",
     "circuit_breaker_protect",
     "configure",

@@ -94,6 +94,8 @@ class CircuitBreakerConfig:
     ignore_exceptions: tuple[type[BaseException], ...] = ()
     is_failure_result: Callable[[Any], bool] | None = field(default=None, compare=False)
     consistency: Literal["strict"] = "strict"
+    redis_timeout: float = 0.05
+    on_redis_error: Literal["local", "allow", "deny"] = "local"
 
     def __post_init__(self) -> None:
         _check_int("failure_threshold", self.failure_threshold, 1, 1_000_000)
@@ -144,6 +146,11 @@ class CircuitBreakerConfig:
         if self.is_failure_result is not None and not callable(self.is_failure_result):
             raise ValueError(
                 f"is_failure_result must be a callable or None, got {self.is_failure_result!r}"
+            )
+        _check_float("redis_timeout", self.redis_timeout, 0.0, 60.0, lo_open=True)
+        if self.on_redis_error not in ("local", "allow", "deny"):
+            raise ValueError(
+                f"on_redis_error must be 'local', 'allow' or 'deny', got {self.on_redis_error!r}"
             )
         if self.consistency != "strict":
             raise ValueError(f"consistency must be 'strict', got {self.consistency!r}")

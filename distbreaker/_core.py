@@ -18,10 +18,13 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from ._config import CircuitBreakerConfig, CircuitState
-from ._errors import CircuitOpenError
+from ._errors import CircuitOpenError, StoreUnavailableError
+from ._failsafe import StoreGuard
 from ._keys import DEFAULT_PREFIX, BreakerKeys, channel_for, validate_name, validate_prefix
+from ._model import BreakerModel
 from ._ops import Code, Push, Reply, ScriptCall, decode_reply
 from .metrics import CircuitBreakerMetrics, FleetWindow, _Counters
+from .stores.memory import MemoryStore
 
 __all__ = ["BreakerCore", "LocalSnapshot", "Permit", "StateChangeHook"]
 
@@ -108,6 +111,7 @@ class BreakerCore:
         self._on_state_change = on_state_change
         self._snap = _UNKNOWN
         self._admit_from = -_INF
+        self._seq = 0  # bumped on every install: a background refresh yields to newer news
         self._lock = threading.Lock()
         self._counters = _Counters()
         self._base_args: list[str | int | float] = [
@@ -115,6 +119,10 @@ class BreakerCore:
         ]
         # Private test clock: a time in ms that replaces Redis TIME in the scripts.
         self._now_ms: int | None = None
+        # Redis as a failing dependency: the guard shared by the client's breakers, and the
+        # in-process fallback used while it is open.
+        self._guard: StoreGuard | None = None
+        self._local: MemoryStore | None = None
 
     # -- fast path (no I/O) ---------------------------------------------------------------
 
@@ -148,7 +156,50 @@ class BreakerCore:
     def _reject(self, state: CircuitState, forced: str, now: float) -> NoReturn:
         self._counters.reject()
         retry = None if forced == "open" else max(self._admit_from - now, 0.0)
+        if self._local is not None and self.config.on_redis_error == "deny":
+            raise StoreUnavailableError(self.name, state, None)
         raise CircuitOpenError(self.name, state, retry)
+
+    @property
+    def store_degraded(self) -> bool:
+        """True while Redis is unavailable and this breaker runs on its fallback."""
+        g = self._guard
+        return g is not None and g.degraded
+
+    # -- when Redis fails ----------------------------------------------------------------
+
+    def _fallback_run(self, call: ScriptCall) -> Any:
+        """Run a script call on the in-process fallback, seeded on first use from the last
+        snapshot: the real state for policy "local", an override for "allow" / "deny"."""
+        local = self._local
+        if local is None:
+            local = self._local = self._seed_local()
+        return local.run(call)
+
+    def _seed_local(self) -> MemoryStore:
+        s = self._snap
+        policy = self.config.on_redis_error
+        m = BreakerModel(gen=max(s.generation, 0), exists=True,
+                         fingerprint=self.config.fingerprint)
+        if policy == "allow":
+            m.forced = "closed"
+        elif policy == "deny":
+            m.forced = "open"
+        else:
+            m.forced = s.forced
+            if not s.forced and s.state is not _CLOSED:
+                m.state = s.state.value
+                if s.state is _OPEN and math.isfinite(self._admit_from):
+                    left = max(self._admit_from - _monotonic(), 0.0)
+                    m.open_until = int(_monotonic() * 1000) + int(left * 1000)
+        store = MemoryStore()
+        store._models[self.keys.state] = m
+        return store
+
+    def _store_recovered(self) -> None:
+        """Redis is back: drop the fallback and adopt the shared state on the next read."""
+        self._local = None
+        self._forget()
 
     # -- script calls -----------------------------------------------------------------------
 
@@ -174,6 +225,8 @@ class BreakerCore:
                 retry: float | None = None
             else:
                 retry = max(r.retry_after_ms, 0) / 1000.0
+            if self._local is not None and self.config.on_redis_error == "deny":
+                raise StoreUnavailableError(self.name, r.effective, None)
             raise CircuitOpenError(self.name, r.effective, retry)
         lease = str(call.args[-1]) if r.decision == 2 else ""
         return Permit(r.generation, lease, r.forced != "closed"), events
@@ -230,14 +283,17 @@ class BreakerCore:
             self._counters.add("stale", sent - r.decision)
         return self._apply_reply(r, _monotonic())
 
-    def _after_snapshot(self, raw: Any) -> Reply:
+    def _after_snapshot(self, raw: Any, seq: int | None = None) -> Reply:
+        """Apply a snapshot reply; with `seq` (a background refresh), only if nothing was
+        installed since the refresh was sent."""
         r = decode_reply(raw)
-        self._apply_reply(r, _monotonic(), snapshot=True)
+        self._apply_reply(r, _monotonic(), snapshot=True, seq=seq)
         return r
 
     # -- applying what the store says ------------------------------------------------------
 
-    def _apply_reply(self, r: Reply, recv: float, snapshot: bool = False) -> list[tuple[Any, ...]]:
+    def _apply_reply(self, r: Reply, recv: float, snapshot: bool = False,
+                     seq: int | None = None) -> list[tuple[Any, ...]]:
         eff = r.effective
         if eff is _CLOSED:
             admit_from = -_INF
@@ -250,7 +306,7 @@ class BreakerCore:
         else:
             admit_from = -_INF
         snap = LocalSnapshot(eff, r.forced, r.generation, r.now_ms, recv, eff is _CLOSED)
-        self._install(snap, admit_from)
+        self._install(snap, admit_from, seq)
         if r.note:
             log.warning("repaired breaker state in Redis: %s", r.note,
                         extra={"breaker": self.name, "event": "distbreaker.repaired"})
@@ -273,26 +329,30 @@ class BreakerCore:
             admit_from,
         )
 
-    def _install(self, snap: LocalSnapshot, admit_from: float) -> None:
+    def _install(self, snap: LocalSnapshot, admit_from: float, seq: int | None = None) -> None:
         with self._lock:
+            if seq is not None and seq != self._seq:
+                return
             cur = self._snap
-            # Replies can arrive out of order across threads. Within one generation the
-            # state is the same, so only an older generation is dropped; a lower generation
-            # with a newer server time means the store was emptied and starts over.
+            # Replies and pushes can arrive out of order: keep what is newer by server time
+            # or by generation. A lower generation with a newer server time means the store
+            # was emptied (FLUSHALL, failover to an empty replica) and starts over.
             if (
-                snap.generation < cur.generation
-                and snap.server_ms <= cur.server_ms
+                snap.server_ms < cur.server_ms
+                and snap.generation <= cur.generation
                 and snap.at - cur.at < self.config.max_staleness
             ):
                 return
             self._snap = snap
             self._admit_from = admit_from
+            self._seq += 1
 
     def _forget(self) -> None:
         """Drop the snapshot so the next call asks Redis first (e.g. after a fork)."""
         with self._lock:
             self._snap = _UNKNOWN
             self._admit_from = -_INF
+            self._seq += 1
 
     def _is_stale(self, now: float) -> bool:
         return now - self._snap.at > self.config.max_staleness
@@ -319,7 +379,8 @@ class BreakerCore:
                 active_probes=int(x[5]), generation=fleet_reply.generation,
                 config_fingerprint=str(x[4]),
             )
-        return self._counters.view(self.name, self._snap.state.value, fleet)
+        return self._counters.view(self.name, self._snap.state.value, fleet,
+                                   self.store_degraded)
 
 
 def _retry_after_of(exc: BaseException) -> float | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ._config import CircuitState
 
-__all__ = ["CircuitBreakerError", "CircuitOpenError"]
+__all__ = ["CircuitBreakerError", "CircuitOpenError", "StoreUnavailableError"]
 
 
 class CircuitBreakerError(Exception):
@@ -31,3 +31,12 @@ class CircuitOpenError(CircuitBreakerError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.name, self.state, self.retry_after))
+
+
+class StoreUnavailableError(CircuitOpenError):
+    """Redis is unavailable and the breaker's `on_redis_error` policy is ``"deny"``."""
+
+    def __init__(self, name: str, state: CircuitState, retry_after: float | None) -> None:
+        super().__init__(name, state, retry_after)
+        self.args = (f"circuit breaker {name!r}: Redis is unavailable and on_redis_error is "
+                     f"'deny'",)

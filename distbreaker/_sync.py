@@ -20,6 +20,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+from ._failsafe import derive_client, guard_for
 from ._ops import decode_push
 
 __all__ = ["AsyncHub", "Hub", "MemoryHub", "ThreadHub", "hub_for"]
@@ -83,29 +84,21 @@ class MemoryHub(Hub):
 
 
 class _Outage:
-    """Logs one warning when the listener loses Redis and one when it is back."""
+    """Reconnect delays of a listener (backoff with jitter, at most 1 s), reported to the
+    client's StoreGuard, which logs once per outage and tells the breakers when it ends."""
 
-    def __init__(self, channel: str) -> None:
-        self.channel = channel
-        self.down_since: float | None = None
+    def __init__(self, client: Any) -> None:
+        self.guard = guard_for(client)
         self.backoff = 0.05
 
     def failed(self, exc: BaseException) -> float:
-        if self.down_since is None:
-            self.down_since = time.monotonic()
-            log.warning("distbreaker listener lost Redis (%s); retrying in the background",
-                        exc, extra={"event": "distbreaker.listener_down",
-                                    "channel": self.channel})
+        self.guard.failure(exc)
         delay = self.backoff * (0.5 + random.random())
-        self.backoff = min(self.backoff * 2, 5.0)
+        self.backoff = min(self.backoff * 2, 1.0)
         return delay
 
     def ok(self) -> None:
-        if self.down_since is not None:
-            log.warning("distbreaker listener reconnected after %.1fs",
-                        time.monotonic() - self.down_since,
-                        extra={"event": "distbreaker.listener_up", "channel": self.channel})
-            self.down_since = None
+        self.guard.success()
         self.backoff = 0.05
 
 
@@ -114,7 +107,8 @@ class ThreadHub(Hub):
 
     def __init__(self, client: Any, channel: str) -> None:
         super().__init__(channel)
-        self._client = client
+        self._user_client = client
+        self._client = derive_client(client, 5.0, 1.0)
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
 
@@ -133,13 +127,13 @@ class ThreadHub(Hub):
             if only_stale and not m._is_stale(now):
                 continue
             try:
-                m._refresh()
+                m._refresh(background=True)
             except Exception as e:  # the next tick tries again
                 log.debug("refresh of %s failed: %s", m.name, e)
 
     def _run(self) -> None:
         ps = None
-        outage = _Outage(self.channel)
+        outage = _Outage(self._user_client)
         while True:
             members = self.members()
             if not members:
@@ -176,7 +170,8 @@ class AsyncHub(Hub):
 
     def __init__(self, client: Any, channel: str) -> None:
         super().__init__(channel)
-        self._client = client
+        self._user_client = client
+        self._client = derive_client(client, 5.0, 1.0)
         self._task: asyncio.Task[None] | None = None
 
     def add(self, member: Any) -> None:
@@ -199,13 +194,13 @@ class AsyncHub(Hub):
             if only_stale and not m._is_stale(now):
                 continue
             try:
-                await m._refresh()
+                await m._refresh(background=True)
             except Exception as e:
                 log.debug("refresh of %s failed: %s", m.name, e)
 
     async def _run(self) -> None:
         ps = None
-        outage = _Outage(self.channel)
+        outage = _Outage(self._user_client)
         try:
             while True:
                 members = self.members()

@@ -17,7 +17,9 @@ from typing import Any, Generic, ParamSpec, TypeVar
 
 from ._config import CircuitBreakerConfig, CircuitState
 from ._core import BreakerCore, Permit, StateChangeHook
+from ._failsafe import STORE_ERRORS, derive_client, guard_for
 from ._keys import DEFAULT_PREFIX
+from ._ops import ScriptCall
 from ._sync import AsyncHub, Hub, MemoryHub, ThreadHub, hub_for
 from .metrics import CircuitBreakerMetrics
 from .stores import AsyncMemoryStore, AsyncRedisStore, MemoryStore, RedisStore
@@ -123,7 +125,9 @@ class CircuitBreaker(BreakerCore, CircuitBreakerInterface[Any]):
             self._hub = hub_for(MemoryHub, self._store, self.channel)
         else:
             _check_client(redis, want_async=False)
-            self._store = RedisStore(redis)
+            self._store = RedisStore(derive_client(redis, self.config.redis_timeout))
+            self._guard = guard_for(redis)
+            self._guard.add(self)
             self._hub = hub_for(ThreadHub, redis, self.channel)
         self._hub.add(self)
         # Best effort: the listener retries, and the first call asks Redis anyway.
@@ -169,23 +173,40 @@ class CircuitBreaker(BreakerCore, CircuitBreakerInterface[Any]):
             raise
         self._done(permit, None, None)
 
+    def _run(self, call: ScriptCall) -> Any:
+        """Run a script call; when Redis fails, the fallback answers (no exception, no
+        wait beyond `redis_timeout`)."""
+        g = self._guard
+        if g is None:
+            return self._store.run(call)
+        if g.allow():
+            try:
+                raw = self._store.run(call)
+            except STORE_ERRORS as e:
+                g.failure(e)
+            else:
+                g.success()
+                return raw
+        return self._fallback_run(call)
+
     def _admit(self) -> Permit:
         permit = self._fast_admit()
         if permit is None:
             call = self._acquire_call()
-            permit, events = self._after_acquire(call, self._store.run(call))
+            permit, events = self._after_acquire(call, self._run(call))
             self._fire(events)
         return permit
 
     def _done(self, permit: Permit, exc: BaseException | None, result: Any) -> None:
         call = self._finish(permit, exc, result)
         if call is not None:
-            self._fire(self._after_record(call, self._store.run(call)))
+            self._fire(self._after_record(call, self._run(call)))
 
     # -- state and operator actions --------------------------------------------------------
 
-    def _refresh(self) -> None:
-        self._after_snapshot(self._store.run(self._call("snapshot")))
+    def _refresh(self, background: bool = False) -> None:
+        seq = self._seq if background else None
+        self._after_snapshot(self._run(self._call("snapshot")), seq)
 
     def refresh(self) -> CircuitState:
         """Re-read the shared state now (one round trip) and return the effective state."""
@@ -194,11 +215,11 @@ class CircuitBreaker(BreakerCore, CircuitBreakerInterface[Any]):
 
     def get_metrics(self) -> CircuitBreakerMetrics:
         """This process's counts plus the fleet-wide window (one round trip)."""
-        return self._metrics(self._after_snapshot(self._store.run(self._call("snapshot"))))
+        return self._metrics(self._after_snapshot(self._run(self._call("snapshot"))))
 
     def _run_op(self, op: str, *extra: str) -> None:
         call = self._call(op, *extra)
-        self._fire(self._after_record(call, self._store.run(call)))
+        self._fire(self._after_record(call, self._run(call)))
 
     def reset(self) -> None:
         """Fleet-wide: back to CLOSED, counters and override cleared; and this process's
@@ -260,7 +281,9 @@ class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
             self._hub = hub_for(MemoryHub, self._store.sync, self.channel)
         else:
             _check_client(redis, want_async=True)
-            self._store = AsyncRedisStore(redis)
+            self._store = AsyncRedisStore(derive_client(redis, self.config.redis_timeout))
+            self._guard = guard_for(redis)
+            self._guard.add(self)
             self._hub = hub_for(AsyncHub, redis, self.channel)
         self._hub.add(self)
 
@@ -307,12 +330,26 @@ class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
             raise
         await self._done(permit, None, None)
 
+    async def _run(self, call: ScriptCall) -> Any:
+        g = self._guard
+        if g is None:
+            return await self._store.run(call)
+        if g.allow():
+            try:
+                raw = await self._store.run(call)
+            except STORE_ERRORS as e:
+                g.failure(e)
+            else:
+                g.success()
+                return raw
+        return self._fallback_run(call)
+
     async def _admit(self) -> Permit:
         self._hub_running()
         permit = self._fast_admit()
         if permit is None:
             call = self._acquire_call()
-            permit, events = self._after_acquire(call, await self._store.run(call))
+            permit, events = self._after_acquire(call, await self._run(call))
             self._fire(events)
         return permit
 
@@ -325,10 +362,11 @@ class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
     ) -> None:
         call = self._finish(permit, exc, result, timed_out=timed_out)
         if call is not None:
-            self._fire(self._after_record(call, await self._store.run(call)))
+            self._fire(self._after_record(call, await self._run(call)))
 
-    async def _refresh(self) -> None:
-        self._after_snapshot(await self._store.run(self._call("snapshot")))
+    async def _refresh(self, background: bool = False) -> None:
+        seq = self._seq if background else None
+        self._after_snapshot(await self._run(self._call("snapshot")), seq)
 
     async def refresh(self) -> CircuitState:
         """Re-read the shared state now (one round trip) and start the listener."""
@@ -337,12 +375,12 @@ class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
         return self.get_state()
 
     async def get_metrics(self) -> CircuitBreakerMetrics:
-        return self._metrics(self._after_snapshot(await self._store.run(self._call("snapshot"))))
+        return self._metrics(self._after_snapshot(await self._run(self._call("snapshot"))))
 
     async def _run_op(self, op: str, *extra: str) -> None:
         self._hub_running()
         call = self._call(op, *extra)
-        self._fire(self._after_record(call, await self._store.run(call)))
+        self._fire(self._after_record(call, await self._run(call)))
 
     async def reset(self) -> None:
         await self._run_op("reset")

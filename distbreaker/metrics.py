@@ -48,6 +48,7 @@ class CircuitBreakerMetrics:
     mean_latency_s: float
     p95_latency_s: float
     fleet: FleetWindow | None = field(default=None)
+    store_degraded: bool = False
 
     @property
     def failure_rate(self) -> float:
@@ -104,7 +105,8 @@ class _Counters:
         with self._lock:
             setattr(self, attr, getattr(self, attr) + n)
 
-    def view(self, name: str, state: str, fleet: FleetWindow | None) -> CircuitBreakerMetrics:
+    def view(self, name: str, state: str, fleet: FleetWindow | None,
+             store_degraded: bool = False) -> CircuitBreakerMetrics:
         with self._lock:
             lat = sorted(self._lat)
             mean = sum(lat) / len(lat) if lat else 0.0
@@ -112,7 +114,7 @@ class _Counters:
             return CircuitBreakerMetrics(
                 name, state, self.total, self.successful, self.failed, self.rejected,
                 self.slow, self.timeouts, self.ignored, self.stale, self.state_changes,
-                mean, p95, fleet,
+                mean, p95, fleet, store_degraded,
             )
 
     def clear(self) -> None:

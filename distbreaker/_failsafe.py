@@ -1,0 +1,158 @@
+"""Redis as a dependency that fails: short timeouts, a breaker around Redis, and clients.
+
+A breaker that fails when Redis fails turns a cache outage into a full outage. So every
+script call on a caller's path goes through a client derived from the user's one with a
+short timeout and no retries, and through a `StoreGuard`: a small breaker around the
+store itself, shared by every breaker of one client in one process. While the guard is
+open, breakers answer from a local fallback at in-process cost (see `BreakerCore`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+import weakref
+from typing import Any
+
+__all__ = ["STORE_ERRORS", "StoreGuard", "derive_client", "guard_for"]
+
+log = logging.getLogger("distbreaker")
+
+try:  # what a store call may raise when Redis is down, slow, or replaced
+    from redis.exceptions import RedisError as _RedisError
+
+    STORE_ERRORS: tuple[type[BaseException], ...] = (_RedisError, OSError, TimeoutError)
+except ImportError:  # pragma: no cover - redis is a dependency
+    STORE_ERRORS = (OSError, TimeoutError)
+
+
+class StoreGuard:
+    """Open after a store error; lets one trial through per backoff period; closes on the
+    first success. Logs one warning when an outage starts and one when it ends."""
+
+    MIN_BACKOFF = 0.1
+    MAX_BACKOFF = 1.0
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self._lock = threading.Lock()
+        self.down_since: float | None = None
+        self._retry_at = 0.0
+        self._trial = False
+        self._backoff = self.MIN_BACKOFF
+        self.outages = 0
+        self._members: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    @property
+    def degraded(self) -> bool:
+        return self.down_since is not None
+
+    def add(self, member: Any) -> None:
+        with self._lock:
+            self._members.add(member)
+
+    def allow(self) -> bool:
+        """May this caller try the store now? Always while up; while down, one trial per
+        backoff period (the others use the fallback at once)."""
+        if self.down_since is None:
+            return True
+        with self._lock:
+            now = time.monotonic()
+            if self._trial or now < self._retry_at:
+                return False
+            self._trial = True
+            return True
+
+    def failure(self, exc: BaseException) -> None:
+        with self._lock:
+            now = time.monotonic()
+            first = self.down_since is None
+            if first:
+                self.down_since = now
+                self.outages += 1
+            self._trial = False
+            self._retry_at = now + self._backoff * (0.5 + random.random())
+            self._backoff = min(self._backoff * 2, self.MAX_BACKOFF)
+        if first:
+            log.warning("distbreaker: Redis unavailable (%s: %s); breakers fall back to their "
+                        "local policy until it returns", type(exc).__name__, exc,
+                        extra={"event": "distbreaker.store_down", "store": self.label})
+
+    def success(self) -> None:
+        if self.down_since is None:
+            return
+        with self._lock:
+            if self.down_since is None:
+                return
+            took = time.monotonic() - self.down_since
+            self.down_since = None
+            self._trial = False
+            self._backoff = self.MIN_BACKOFF
+            members = list(self._members)
+        log.warning("distbreaker: Redis is back after %.1fs; adopting the shared state", took,
+                    extra={"event": "distbreaker.store_up", "store": self.label,
+                           "outage_s": round(took, 3)})
+        for m in members:
+            m._store_recovered()
+
+
+_GUARDS: dict[tuple[int, int], StoreGuard] = {}
+_GUARDS_LOCK = threading.Lock()
+
+
+def guard_for(client: Any) -> StoreGuard:
+    """The process's one guard for `client` (a forked child gets its own)."""
+    key = (os.getpid(), id(client))
+    with _GUARDS_LOCK:
+        g = _GUARDS.get(key)
+        if g is None:
+            g = _GUARDS[key] = StoreGuard(_label(client))
+            g._client_ref = client  # type: ignore[attr-defined]  # keeps id() unique
+        return g
+
+
+def _label(client: Any) -> str:
+    pool = getattr(client, "connection_pool", None)
+    kw = getattr(pool, "connection_kwargs", {}) or {}
+    if "host" in kw:
+        return f"{kw.get('host')}:{kw.get('port')}"
+    return type(client).__name__
+
+
+def derive_client(client: Any, timeout: float, connect_timeout: float | None = None) -> Any:
+    """A client like `client` (same server, credentials, TLS, Sentinel service) but with
+    `timeout` on every read and connect and no retries, over a pool of its own. Clients
+    this cannot copy (Cluster) are returned as they are."""
+    pool = getattr(client, "connection_pool", None)
+    if pool is None or not hasattr(pool, "connection_kwargs"):
+        return client
+    is_async = type(client).__module__.startswith("redis.asyncio")
+    if is_async:
+        from redis.asyncio.retry import Retry as _Retry
+    else:
+        from redis.retry import Retry as _Retry  # type: ignore[assignment]
+    from redis.backoff import NoBackoff
+
+    kw = {k: v for k, v in pool.connection_kwargs.items()
+          if k not in ("connection_pool", "himport_registry", "retry")}
+    kw.update(socket_timeout=timeout,
+              socket_connect_timeout=connect_timeout if connect_timeout else timeout,
+              retry=_Retry(NoBackoff(), 0))
+    kw.pop("retry_on_timeout", None)
+    cls = type(pool)
+    try:
+        if hasattr(pool, "service_name") and hasattr(pool, "sentinel_manager"):
+            new_pool = cls(pool.service_name, pool.sentinel_manager, is_master=pool.is_master,
+                           check_connection=pool.check_connection,
+                           connection_class=pool.connection_class,
+                           max_connections=pool.max_connections, **kw)
+        else:
+            new_pool = cls(connection_class=pool.connection_class,
+                           max_connections=pool.max_connections, **kw)
+        return type(client)(connection_pool=new_pool)
+    except Exception as e:  # an unusual pool: keep the user's own client
+        log.debug("could not derive a short-timeout client from %r: %s", client, e)
+        return client

@@ -196,6 +196,17 @@ class BreakerCore:
         store._models[self.keys.state] = m
         return store
 
+    def _store_lost(self) -> None:
+        """Redis just failed for this client: a "deny" breaker stops admitting at once,
+        even before its own next call touches Redis."""
+        if self.config.on_redis_error == "deny":
+            self._fallback_run(self._call("snapshot"))
+            with self._lock:
+                self._snap = LocalSnapshot(self._snap.state, "open", self._snap.generation,
+                                           self._snap.server_ms, _monotonic(), False)
+                self._admit_from = _INF
+                self._seq += 1
+
     def _store_recovered(self) -> None:
         """Redis is back: drop the fallback and adopt the shared state on the next read."""
         self._local = None

@@ -76,10 +76,13 @@ class StoreGuard:
             self._trial = False
             self._retry_at = now + self._backoff * (0.5 + random.random())
             self._backoff = min(self._backoff * 2, self.MAX_BACKOFF)
+            members = list(self._members) if first else []
         if first:
             log.warning("distbreaker: Redis unavailable (%s: %s); breakers fall back to their "
                         "local policy until it returns", type(exc).__name__, exc,
                         extra={"event": "distbreaker.store_down", "store": self.label})
+        for m in members:
+            m._store_lost()
 
     def success(self) -> None:
         if self.down_since is None:
@@ -99,27 +102,31 @@ class StoreGuard:
             m._store_recovered()
 
 
-_GUARDS: dict[tuple[int, int], StoreGuard] = {}
+_GUARDS: dict[tuple[int, str], StoreGuard] = {}
 _GUARDS_LOCK = threading.Lock()
 
 
 def guard_for(client: Any) -> StoreGuard:
-    """The process's one guard for `client` (a forked child gets its own)."""
-    key = (os.getpid(), id(client))
+    """The process's one guard for the server `client` talks to (clients of the same
+    server share it; a forked child gets its own)."""
+    key = (os.getpid(), _label(client))
     with _GUARDS_LOCK:
         g = _GUARDS.get(key)
         if g is None:
-            g = _GUARDS[key] = StoreGuard(_label(client))
-            g._client_ref = client  # type: ignore[attr-defined]  # keeps id() unique
+            g = _GUARDS[key] = StoreGuard(key[1])
         return g
 
 
 def _label(client: Any) -> str:
     pool = getattr(client, "connection_pool", None)
     kw = getattr(pool, "connection_kwargs", {}) or {}
+    if hasattr(pool, "service_name"):
+        return f"sentinel:{pool.service_name}"
+    if "path" in kw:
+        return f"unix:{kw['path']}/{kw.get('db', 0)}"
     if "host" in kw:
-        return f"{kw.get('host')}:{kw.get('port')}"
-    return type(client).__name__
+        return f"{kw.get('host')}:{kw.get('port')}/{kw.get('db', 0)}"
+    return f"{type(client).__name__}@{id(client):x}"
 
 
 def derive_client(client: Any, timeout: float, connect_timeout: float | None = None) -> Any:

@@ -40,6 +40,8 @@ else
 end
 
 local NOTE = ''
+-- Tags a window with the shape it was built for; a window of another shape starts over.
+local WTAG = (CFG.count and 'c' or 't') .. CFG.wn .. ':' .. CFG.bw
 
 local function repair(why)
   -- Garbage in our keys must never reach a caller: drop what cannot be read, say so.
@@ -75,14 +77,33 @@ local function load()
     S.forced = ''
     S.dirty = true
   end
-  for _, f in ipairs({'gen', 'open_until', 'cf', 'hs', 'reopen'}) do
-    if S[f] < 0 or S[f] ~= math.floor(S[f]) then
-      repair('bad counter ' .. f)
+  local numeric = {'gen', 'open_until', 'cf', 'hs', 'reopen'}
+  for i, f in ipairs(numeric) do
+    local raw = v[i + 1]
+    if (raw and tonumber(raw) == nil) or S[f] < 0 or S[f] ~= math.floor(S[f])
+        or S[f] >= 2 ^ 53 then
+      repair('bad field ' .. f .. '=' .. tostring(raw))
       S[f] = 0
       S.dirty = true
     end
   end
   return S
+end
+
+-- Runs an operation; if one of our keys holds the wrong type (garbage written by hand),
+-- deletes the breaker's keys and runs it again on a fresh breaker.
+local function run(main)
+  local ok, res = pcall(main)
+  if ok then return res end
+  local msg = res
+  if type(res) == 'table' then msg = res.err or res[1] end
+  msg = tostring(msg)
+  if string.find(msg, 'WRONGTYPE', 1, true) then
+    redis.call('DEL', K_STATE, K_WIN, K_PROBES)
+    repair('a key had the wrong type')
+    return main()
+  end
+  return redis.error_reply(msg)
 end
 
 local function effective(state, forced)
@@ -149,14 +170,15 @@ end
 local function window_time(write)
   local ep = math.floor(NOW / CFG.bw)
   local i = ep % CFG.wn
-  local w = redis.call('HMGET', K_WIN, 'e', 'c', 'f', 's', 'c' .. i, 'f' .. i, 's' .. i)
+  local w = redis.call('HMGET', K_WIN, 'e', 'c', 'f', 's', 'c' .. i, 'f' .. i, 's' .. i, 'k')
   local last = tonumber(w[1])
   local W = {c = num(w[2], 0), f = num(w[3], 0), s = num(w[4], 0), bc = num(w[5], 0),
-             bf = num(w[6], 0), bs = num(w[7], 0), ep = ep, i = i, set = {}}
+             bf = num(w[6], 0), bs = num(w[7], 0), ep = ep, i = i}
+  if w[8] ~= WTAG then last = nil end
   if last == nil or ep - last >= CFG.wn or last - ep >= CFG.wn
       or W.c < 0 or W.f < 0 or W.s < 0 or W.f > W.c or W.s > W.c then
     if last ~= nil and (W.c < 0 or W.f > W.c or W.s > W.c) then repair('bad window totals') end
-    if write and last ~= nil then redis.call('DEL', K_WIN) end
+    if write and w[1] then redis.call('DEL', K_WIN) end
     W.c, W.f, W.s, W.bc, W.bf, W.bs, W.fresh = 0, 0, 0, 0, 0, 0, true
     return W
   end
@@ -196,10 +218,13 @@ end
 -- Count window: a ring of CFG.wn slots; fields n (filled), h (next slot), f s (totals),
 -- and one field per slot holding 0 ok, 1 failed, 2 slow ok, 3 slow failed.
 local function window_count()
-  local w = redis.call('HMGET', K_WIN, 'n', 'h', 'f', 's')
+  local w = redis.call('HMGET', K_WIN, 'n', 'h', 'f', 's', 'k')
   local W = {c = num(w[1], 0), h = num(w[2], 0), f = num(w[3], 0), s = num(w[4], 0)}
   if w[1] == false or w[1] == nil then
     W.fresh = true
+  elseif w[5] ~= WTAG then
+    redis.call('DEL', K_WIN)
+    W.c, W.h, W.f, W.s, W.fresh = 0, 0, 0, 0, true
   elseif W.c > CFG.wn or W.h >= CFG.wn or W.h < 0 or W.f < 0 or W.s < 0
       or W.f > W.c or W.s > W.c then
     repair('window from another config')
@@ -239,7 +264,10 @@ local function window_add(failed, slow)
     redis.call('HSET', K_WIN, 'e', W.ep, 'c', W.c, 'f', W.f, 's', W.s,
       'c' .. W.i, W.bc, 'f' .. W.i, W.bf, 's' .. W.i, W.bs)
   end
-  if W.fresh then redis.call('PEXPIRE', K_WIN, CFG.ttl) end
+  if W.fresh then
+    redis.call('HSET', K_WIN, 'k', WTAG)
+    redis.call('PEXPIRE', K_WIN, CFG.ttl)
+  end
   return W
 end
 

@@ -7,61 +7,66 @@
 -- Returns: the common reply; decision = how many outcomes counted (the rest were stale:
 --          older generation, override active, or no outcome).
 -- An outcome of an older generation never drives a transition.
-local S = load()
-local W
-local counted = 0
-local freed = false
 
-for a = 7, #ARGV, 4 do
-  local gen, code, lease, ra = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), ARGV[a + 2],
-    num(ARGV[a + 3], 0)
-  if lease ~= '' and lease ~= nil then
-    local ok, r = pcall(redis.call, 'ZREM', K_PROBES, lease)
-    if ok and r == 1 then freed = true end
-  end
-  if code ~= 4 and gen == S.gen and S.forced == '' and S.state ~= 'open' then
-    counted = counted + 1
-    local failed = code == 1 or code == 3
-    local slow = code >= 2
-    if S.state == 'closed' then
-      W = window_add(failed, slow)
-      if failed then
-        S.cf = S.cf + 1
-        S.dirty = true
-      elseif S.cf ~= 0 then
-        S.cf = 0
-        S.dirty = true
-      end
-      if (failed and S.cf >= CFG.ft)
-          or (W.c >= CFG.minc and ((failed and W.f >= CFG.frt * W.c)
-                                   or (slow and W.s >= CFG.srt * W.c))) then
-        local open_ms = CFG.rt
-        if failed and ra > 0 then open_ms = math.min(ra, CFG.maxrt) end
-        S.reopen = 0
-        transition(S, 'open', open_ms)
-        W = nil
-      end
-    else -- half_open
-      if failed then
-        local open_ms
-        if ra > 0 then open_ms = math.min(ra, CFG.maxrt) else open_ms = backoff_ms(S.reopen + 1) end
-        S.reopen = S.reopen + 1
-        transition(S, 'open', open_ms)
-      else
-        S.hs = S.hs + 1
-        S.dirty = true
-        if S.hs >= CFG.st then transition(S, 'closed') end
+local function main()
+  local S = load()
+  local W
+  local counted = 0
+  local freed = false
+
+  for a = 7, #ARGV, 4 do
+    local gen, code, lease, ra = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), ARGV[a + 2],
+      num(ARGV[a + 3], 0)
+    if lease ~= '' and lease ~= nil then
+      local ok, r = pcall(redis.call, 'ZREM', K_PROBES, lease)
+      if ok and r == 1 then freed = true end
+    end
+    if code ~= 4 and gen == S.gen and S.forced == '' and S.state ~= 'open' then
+      counted = counted + 1
+      local failed = code == 1 or code == 3
+      local slow = code >= 2
+      if S.state == 'closed' then
+        W = window_add(failed, slow)
+        if failed then
+          S.cf = S.cf + 1
+          S.dirty = true
+        elseif S.cf ~= 0 then
+          S.cf = 0
+          S.dirty = true
+        end
+        if (failed and S.cf >= CFG.ft)
+            or (W.c >= CFG.minc and ((failed and W.f >= CFG.frt * W.c)
+                                     or (slow and W.s >= CFG.srt * W.c))) then
+          local open_ms = CFG.rt
+          if failed and ra > 0 then open_ms = math.min(ra, CFG.maxrt) end
+          S.reopen = 0
+          transition(S, 'open', open_ms)
+          W = nil
+        end
+      else -- half_open
+        if failed then
+          local open_ms
+          if ra > 0 then open_ms = math.min(ra, CFG.maxrt) else open_ms = backoff_ms(S.reopen + 1) end
+          S.reopen = S.reopen + 1
+          transition(S, 'open', open_ms)
+        else
+          S.hs = S.hs + 1
+          S.dirty = true
+          if S.hs >= CFG.st then transition(S, 'closed') end
+        end
       end
     end
   end
+
+  save(S)
+  if S.from ~= '' then
+    publish(S, 't')
+  elseif freed and S.state == 'half_open' and S.forced == '' then
+    publish(S, 'p')
+  end
+  local free = -1
+  if S.state == 'half_open' and freed then free = 1 end
+  return reply(counted, S, 0, free, W)
 end
 
-save(S)
-if S.from ~= '' then
-  publish(S, 't')
-elseif freed and S.state == 'half_open' and S.forced == '' then
-  publish(S, 'p')
-end
-local free = -1
-if S.state == 'half_open' and freed then free = 1 end
-return reply(counted, S, 0, free, W)
+return run(main)

@@ -118,7 +118,7 @@ def guard_for(client: Any) -> StoreGuard:
 
 
 def _label(client: Any) -> str:
-    pool = getattr(client, "connection_pool", None)
+    pool: Any = getattr(client, "connection_pool", None)
     kw = getattr(pool, "connection_kwargs", {}) or {}
     if hasattr(pool, "service_name"):
         return f"sentinel:{pool.service_name}"

@@ -54,7 +54,7 @@ def main() -> int:
             last_avail = a
         spent = [0.0]
 
-        def backend() -> int:
+        def backend(spent: list[float] = spent) -> int:
             t0 = time.perf_counter()
             try:
                 t = time.monotonic() - start

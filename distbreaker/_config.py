@@ -136,6 +136,17 @@ class CircuitBreakerConfig:
             _check_float("probe_lease", self.probe_lease, 0.0, _DAY_S, lo_open=True)
         _check_float("max_staleness", self.max_staleness, 0.0, 3600.0, lo_open=True)
         _check_float("key_ttl", self.key_ttl, 1.0, 365 * _DAY_S)
+        if self.window_type == "count" and self.minimum_calls > self.window_size:
+            raise ValueError(
+                f"minimum_calls ({self.minimum_calls!r}) must be <= window_size "
+                f"({self.window_size!r}) for a count window, or the rate rules never apply"
+            )
+        if (self.probe_lease is not None and self.timeout_duration is not None
+                and self.probe_lease < self.timeout_duration):
+            raise ValueError(
+                f"probe_lease ({self.probe_lease!r}) must be >= timeout_duration "
+                f"({self.timeout_duration!r}), or a probe's permit expires while it runs"
+            )
         if self.key_ttl < self.max_recovery_timeout:
             raise ValueError(
                 f"key_ttl ({self.key_ttl!r}) must be >= max_recovery_timeout "

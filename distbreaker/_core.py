@@ -9,20 +9,23 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from ._config import CircuitBreakerConfig, CircuitState
 from ._errors import CircuitOpenError, StoreUnavailableError
-from ._failsafe import StoreGuard
+from ._failsafe import StoreGuard, guard_for
 from ._keys import DEFAULT_PREFIX, BreakerKeys, channel_for, validate_name, validate_prefix
 from ._model import BreakerModel
 from ._ops import Code, Push, Reply, ScriptCall, decode_reply
+from ._sync import Hub, hub_for
 from .metrics import CircuitBreakerMetrics, FleetWindow, _Counters
 from .stores.memory import MemoryStore
 
@@ -123,6 +126,11 @@ class BreakerCore:
         # in-process fallback used while it is open.
         self._guard: StoreGuard | None = None
         self._local: MemoryStore | None = None
+        self._hub: Hub | None = None
+        self._attached: tuple[type[Hub], Any, Any] | None = None
+        self._drift_warned = False
+        self.config_drift = False  # the fingerprint in Redis is another config's
+        _LIVE.add(self)
 
     # -- fast path (no I/O) ---------------------------------------------------------------
 
@@ -321,10 +329,51 @@ class BreakerCore:
         if r.note:
             log.warning("repaired breaker state in Redis: %s", r.note,
                         extra={"breaker": self.name, "event": "distbreaker.repaired"})
+        if snapshot and len(r.extra) > 4:
+            self._check_drift(str(r.extra[4]))
         if r.transition_from and not snapshot:
             self._counters.add("state_changes")
             return [(self.name, CircuitState(r.transition_from), eff)]
         return []
+
+    def _check_drift(self, stored: str) -> None:
+        drift = bool(stored) and stored != self.config.fingerprint
+        self.config_drift = drift
+        if drift and not self._drift_warned:
+            self._drift_warned = True
+            log.warning("breaker %r: Redis holds config %s, this process runs %s; processes "
+                        "sharing a breaker should share its config", self.name, stored,
+                        self.config.fingerprint,
+                        extra={"breaker": self.name, "event": "distbreaker.config_drift",
+                               "stored": stored, "local": self.config.fingerprint})
+
+    def _attach(self, hub_kind: type[Hub], backend: Any, client: Any) -> None:
+        """Join this process's listener for `backend` and, for Redis, the guard of
+        `client`: done at construction and again in a forked child."""
+        self._attached = (hub_kind, backend, client)
+        if client is not None:
+            self._guard = guard_for(client)
+            self._guard.add(self)
+        self._hub = hub_for(hub_kind, backend, self.channel)
+        self._hub.add(self)
+
+    def _detach(self) -> None:
+        self._attached = None  # closed: a forked child does not re-attach it either
+        if self._hub is not None:
+            self._hub.remove(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: fresh locks, no fallback, and a new listener and guard (the
+        parent's thread and connections do not exist here)."""
+        self._lock = threading.Lock()
+        self._counters._lock = threading.Lock()
+        self._local = None
+        with self._lock:
+            self._snap = LocalSnapshot(self._snap.state, self._snap.forced,
+                                       self._snap.generation, self._snap.server_ms, -_INF,
+                                       self._snap.closed, self._snap.known)
+        if self._attached is not None:
+            self._attach(*self._attached)
 
     def _apply_push(self, p: Push, recv: float) -> None:
         eff = p.to_state
@@ -392,6 +441,20 @@ class BreakerCore:
             )
         return self._counters.view(self.name, self._snap.state.value, fleet,
                                    self.store_degraded)
+
+
+_LIVE: weakref.WeakSet[BreakerCore] = weakref.WeakSet()
+
+
+def _reinit_after_fork() -> None:
+    for b in list(_LIVE):
+        try:
+            b._after_fork()
+        except Exception:  # never break the child over one breaker
+            log.exception("distbreaker: re-initialising %r after fork failed", b)
+
+
+os.register_at_fork(after_in_child=_reinit_after_fork)
 
 
 def _retry_after_of(exc: BaseException) -> float | None:

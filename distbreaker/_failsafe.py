@@ -106,6 +106,14 @@ _GUARDS: dict[tuple[int, str], StoreGuard] = {}
 _GUARDS_LOCK = threading.Lock()
 
 
+def _fresh_lock_in_child() -> None:
+    global _GUARDS_LOCK
+    _GUARDS_LOCK = threading.Lock()  # the parent may have held it while forking
+
+
+os.register_at_fork(after_in_child=_fresh_lock_in_child)
+
+
 def guard_for(client: Any) -> StoreGuard:
     """The process's one guard for the server `client` talks to (clients of the same
     server share it; a forked child gets its own)."""

@@ -249,6 +249,14 @@ _HUBS: weakref.WeakValueDictionary[tuple[Any, ...], Hub] = weakref.WeakValueDict
 _HUBS_LOCK = threading.Lock()
 
 
+def _fresh_lock_in_child() -> None:
+    global _HUBS_LOCK
+    _HUBS_LOCK = threading.Lock()  # the parent may have held it while forking
+
+
+os.register_at_fork(after_in_child=_fresh_lock_in_child)
+
+
 def hub_for(kind: type[Hub], backend: Any, channel: str) -> Hub:
     """The process's one hub for (client or store, channel); a forked child gets its own."""
     key = (os.getpid(), kind.__name__, id(backend), channel)

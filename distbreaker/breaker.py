@@ -17,10 +17,10 @@ from typing import Any, Generic, ParamSpec, TypeVar
 
 from ._config import CircuitBreakerConfig, CircuitState
 from ._core import BreakerCore, Permit, StateChangeHook
-from ._failsafe import STORE_ERRORS, derive_client, guard_for
+from ._failsafe import STORE_ERRORS, derive_client
 from ._keys import DEFAULT_PREFIX
 from ._ops import ScriptCall
-from ._sync import AsyncHub, Hub, MemoryHub, ThreadHub, hub_for
+from ._sync import AsyncHub, MemoryHub, ThreadHub
 from .metrics import CircuitBreakerMetrics
 from .stores import AsyncMemoryStore, AsyncRedisStore, MemoryStore, RedisStore
 
@@ -119,17 +119,13 @@ class CircuitBreaker(BreakerCore, CircuitBreakerInterface[Any]):
     ) -> None:
         super().__init__(name, config, prefix=prefix, on_state_change=on_state_change)
         self._store: MemoryStore | RedisStore
-        self._hub: Hub
         if redis is None or isinstance(redis, MemoryStore):
             self._store = redis if redis is not None else MemoryStore()
-            self._hub = hub_for(MemoryHub, self._store, self.channel)
+            self._attach(MemoryHub, self._store, None)
         else:
             _check_client(redis, want_async=False)
             self._store = RedisStore(derive_client(redis, self.config.redis_timeout))
-            self._guard = guard_for(redis)
-            self._guard.add(self)
-            self._hub = hub_for(ThreadHub, redis, self.channel)
-        self._hub.add(self)
+            self._attach(ThreadHub, redis, redis)
         # Best effort: the listener retries, and the first call asks Redis anyway.
         with contextlib.suppress(Exception):
             self._refresh()
@@ -241,7 +237,7 @@ class CircuitBreaker(BreakerCore, CircuitBreakerInterface[Any]):
 
     def close(self) -> None:
         """Stop listening for this breaker (the shared state in Redis stays)."""
-        self._hub.remove(self)
+        self._detach()
 
     def __enter__(self) -> CircuitBreaker:
         return self
@@ -272,20 +268,16 @@ class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
     ) -> None:
         super().__init__(name, config, prefix=prefix, on_state_change=on_state_change)
         self._store: AsyncMemoryStore | AsyncRedisStore
-        self._hub: Hub
         if redis is None or isinstance(redis, (MemoryStore, AsyncMemoryStore)):
             if isinstance(redis, AsyncMemoryStore):
                 self._store = redis
             else:
                 self._store = AsyncMemoryStore(redis)
-            self._hub = hub_for(MemoryHub, self._store.sync, self.channel)
+            self._attach(MemoryHub, self._store.sync, None)
         else:
             _check_client(redis, want_async=True)
             self._store = AsyncRedisStore(derive_client(redis, self.config.redis_timeout))
-            self._guard = guard_for(redis)
-            self._guard.add(self)
-            self._hub = hub_for(AsyncHub, redis, self.channel)
-        self._hub.add(self)
+            self._attach(AsyncHub, redis, redis)
 
     async def call(
         self, fn: Callable[P, Awaitable[R]], *args: P.args, **kwargs: P.kwargs
@@ -354,8 +346,9 @@ class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
         return permit
 
     def _hub_running(self) -> None:
-        if isinstance(self._hub, AsyncHub):
-            self._hub.ensure_running()
+        hub = self._hub
+        if isinstance(hub, AsyncHub):
+            hub.ensure_running()
 
     async def _done(
         self, permit: Permit, exc: BaseException | None, result: Any, *, timed_out: bool = False
@@ -396,7 +389,7 @@ class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
         await self._run_op("force", "")
 
     async def close(self) -> None:
-        self._hub.remove(self)
+        self._detach()
 
     async def __aenter__(self) -> AsyncCircuitBreaker:
         return self

@@ -216,7 +216,7 @@ class _ManagerBase(Generic[B]):
         return b
 
     def _hub_remove(self, b: B) -> None:
-        b._hub.remove(b)
+        b._detach()
 
     def get_breaker(self, provider: Provider) -> B:
         """The provider's breaker, registered with the default config if it is new."""

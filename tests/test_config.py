@@ -92,3 +92,20 @@ def test_wrong_client_types_say_what_to_pass() -> None:
         CircuitBreaker("x", redis=object())
     with pytest.raises(TypeError, match="CircuitBreakerConfig"):
         CircuitBreaker("x", {"failure_threshold": 3})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        (dict(window_type="count", window_size=5, minimum_calls=10), "minimum_calls"),
+        (dict(timeout_duration=5.0, probe_lease=1.0), "probe_lease"),
+        (dict(recovery_timeout=60, max_recovery_timeout=30), "max_recovery_timeout"),
+        (dict(key_ttl=100, max_recovery_timeout=300), "key_ttl"),
+        (dict(window_size=0.005, window_buckets=10), "window_size / window_buckets"),
+        (dict(redis_timeout=0), "redis_timeout"),
+        (dict(on_redis_error="ignore"), "on_redis_error"),
+    ],
+)
+def test_bad_combinations_name_both_fields(kwargs: dict[str, Any], words: str) -> None:
+    with pytest.raises(ValueError, match=words.replace("/", r"\/")):
+        CircuitBreakerConfig(**kwargs)

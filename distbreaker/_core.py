@@ -26,6 +26,7 @@ from ._keys import DEFAULT_PREFIX, BreakerKeys, channel_for, validate_name, vali
 from ._model import BreakerModel
 from ._ops import Code, Push, Reply, ScriptCall, decode_reply
 from ._sync import Hub, hub_for
+from .events import Listener, RejectionEvent, StoreEvent, TransitionEvent
 from .metrics import CircuitBreakerMetrics, FleetWindow, _Counters
 from .stores.memory import MemoryStore
 
@@ -128,6 +129,8 @@ class BreakerCore:
         self._local: MemoryStore | None = None
         self._hub: Hub | None = None
         self._attached: tuple[type[Hub], Any, Any] | None = None
+        self._listeners: tuple[Listener, ...] = ()
+        self._announced_gen = -1  # listeners hear of each generation once per process
         self._drift_warned = False
         self.config_drift = False  # the fingerprint in Redis is another config's
         _LIVE.add(self)
@@ -162,11 +165,50 @@ class BreakerCore:
         return None
 
     def _reject(self, state: CircuitState, forced: str, now: float) -> NoReturn:
-        self._counters.reject()
         retry = None if forced == "open" else max(self._admit_from - now, 0.0)
-        if self._local is not None and self.config.on_redis_error == "deny":
+        self._raise_rejected(state, retry)
+
+    def _raise_rejected(self, state: CircuitState, retry: float | None) -> NoReturn:
+        self._counters.reject()
+        store_down = self._local is not None and self.config.on_redis_error == "deny"
+        if self._listeners:
+            self._emit(RejectionEvent(self.name, state, retry, store_down))
+        if store_down:
             raise StoreUnavailableError(self.name, state, None)
         raise CircuitOpenError(self.name, state, retry)
+
+    # -- listeners ---------------------------------------------------------------------
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call `listener(event)` for transitions (made here or learned over pub/sub),
+        rejections and Redis outages; see `distbreaker.events`."""
+        if not callable(listener):
+            raise TypeError("a listener must be callable(event)")
+        self._listeners = (*self._listeners, listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        self._listeners = tuple(x for x in self._listeners if x is not listener)
+
+    def _emit(self, event: Any) -> None:
+        for fn in self._listeners:
+            try:
+                fn(event)
+            except Exception:
+                log.exception("distbreaker listener raised", extra={"breaker": self.name})
+
+    def _announce(self, gen: int, old: CircuitState, new: CircuitState, forced: str,
+                  local: bool) -> None:
+        with self._lock:
+            if gen <= self._announced_gen:
+                return
+            self._announced_gen = gen
+        if local:
+            log.info("breaker %s: %s -> %s", self.name, old.value, new.value,
+                     extra={"event": "distbreaker.transition", "breaker": self.name,
+                            "from_state": old.value, "to_state": new.value,
+                            "generation": gen})
+        if self._listeners:
+            self._emit(TransitionEvent(self.name, old, new, gen, forced or None, local))
 
     @property
     def store_degraded(self) -> bool:
@@ -207,6 +249,8 @@ class BreakerCore:
     def _store_lost(self) -> None:
         """Redis just failed for this client: a "deny" breaker stops admitting at once,
         even before its own next call touches Redis."""
+        if self._listeners:
+            self._emit(StoreEvent(self.name, True))
         if self.config.on_redis_error == "deny":
             self._fallback_run(self._call("snapshot"))
             with self._lock:
@@ -219,6 +263,8 @@ class BreakerCore:
         """Redis is back: drop the fallback and adopt the shared state on the next read."""
         self._local = None
         self._forget()
+        if self._listeners:
+            self._emit(StoreEvent(self.name, False))
 
     # -- script calls -----------------------------------------------------------------------
 
@@ -239,15 +285,11 @@ class BreakerCore:
         events = self._apply_reply(r, _monotonic())
         if r.decision == 0:
             self._fire(events)
-            self._counters.reject()
-            if r.forced == "open":
-                retry: float | None = None
-            else:
-                retry = max(r.retry_after_ms, 0) / 1000.0
-            if self._local is not None and self.config.on_redis_error == "deny":
-                raise StoreUnavailableError(self.name, r.effective, None)
-            raise CircuitOpenError(self.name, r.effective, retry)
+            retry = None if r.forced == "open" else max(r.retry_after_ms, 0) / 1000.0
+            self._raise_rejected(r.effective, retry)
         lease = str(call.args[-1]) if r.decision == 2 else ""
+        if lease:
+            self._counters.add("probes")
         return Permit(r.generation, lease, r.forced != "closed"), events
 
     def _finish(
@@ -333,7 +375,7 @@ class BreakerCore:
             self._check_drift(str(r.extra[4]))
         if r.transition_from and not snapshot:
             self._counters.add("state_changes")
-            return [(self.name, CircuitState(r.transition_from), eff)]
+            return [(self.name, CircuitState(r.transition_from), eff, r.generation, r.forced)]
         return []
 
     def _check_drift(self, stored: str) -> None:
@@ -377,6 +419,7 @@ class BreakerCore:
 
     def _apply_push(self, p: Push, recv: float) -> None:
         eff = p.to_state
+        news = p.from_state is not p.to_state and p.generation > self._snap.generation
         if eff is _CLOSED:
             admit_from = -_INF
         elif eff is _OPEN:
@@ -388,6 +431,8 @@ class BreakerCore:
             LocalSnapshot(eff, p.forced, p.generation, p.now_ms, recv, eff is _CLOSED),
             admit_from,
         )
+        if news:
+            self._announce(p.generation, p.from_state, p.to_state, p.forced, local=False)
 
     def _install(self, snap: LocalSnapshot, admit_from: float, seq: int | None = None) -> None:
         with self._lock:
@@ -420,13 +465,13 @@ class BreakerCore:
     def _fire(self, events: list[tuple[Any, ...]]) -> None:
         """Run on_state_change for transitions this process made; never under a lock."""
         hook = self._on_state_change
-        if hook is None:
-            return
-        for name, old, new in events:
-            try:
-                hook(name, old, new)
-            except Exception:
-                log.exception("on_state_change hook raised", extra={"breaker": name})
+        for name, old, new, gen, forced in events:
+            if hook is not None:
+                try:
+                    hook(name, old, new)
+                except Exception:
+                    log.exception("on_state_change hook raised", extra={"breaker": name})
+            self._announce(gen, old, new, forced, local=True)
 
     def _metrics(self, fleet_reply: Reply | None) -> CircuitBreakerMetrics:
         fleet = None

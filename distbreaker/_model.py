@@ -148,7 +148,8 @@ class BreakerModel:
     def _save(self, now: int, fp: str) -> None:
         self.exists = True
         self.updated_at = now
-        self.fingerprint = fp
+        if fp:
+            self.fingerprint = fp
 
     @staticmethod
     def _backoff(cfg: ModelConfig, reopen: int, rnd: float) -> int:

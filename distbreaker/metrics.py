@@ -45,6 +45,7 @@ class CircuitBreakerMetrics:
     ignored_calls: int
     stale_outcomes: int
     state_changes: int
+    probes: int
     mean_latency_s: float
     p95_latency_s: float
     fleet: FleetWindow | None = field(default=None)
@@ -70,8 +71,8 @@ class CircuitBreakerMetrics:
 class _Counters:
     """Thread-safe process-local counters with a bounded latency sample ring."""
 
-    __slots__ = ("_i", "_lat", "_lock", "failed", "ignored", "rejected", "slow", "stale",
-                 "state_changes", "successful", "timeouts", "total")
+    __slots__ = ("_i", "_lat", "_lock", "failed", "ignored", "probes", "rejected", "slow",
+                 "stale", "state_changes", "successful", "timeouts", "total")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -79,6 +80,7 @@ class _Counters:
         self._i = 0
         self.total = self.successful = self.failed = self.rejected = 0
         self.slow = self.timeouts = self.ignored = self.stale = self.state_changes = 0
+        self.probes = 0
 
     def reject(self) -> None:
         with self._lock:
@@ -114,7 +116,7 @@ class _Counters:
             return CircuitBreakerMetrics(
                 name, state, self.total, self.successful, self.failed, self.rejected,
                 self.slow, self.timeouts, self.ignored, self.stale, self.state_changes,
-                mean, p95, fleet, store_degraded,
+                self.probes, mean, p95, fleet, store_degraded,
             )
 
     def clear(self) -> None:
@@ -123,3 +125,4 @@ class _Counters:
             self._i = 0
             self.total = self.successful = self.failed = self.rejected = 0
             self.slow = self.timeouts = self.ignored = self.stale = self.state_changes = 0
+            self.probes = 0

@@ -54,7 +54,8 @@ local FORCED = {[''] = true, open = true, closed = true}
 -- S: the state hash as a table; S.dirty marks that it must be written back.
 local function load()
   local ok, v = pcall(redis.call, 'HMGET', K_STATE, 'state', 'generation', 'open_until_ms',
-    'consecutive_failures', 'half_open_successes', 'reopen_count', 'forced', 'updated_at_ms')
+    'consecutive_failures', 'half_open_successes', 'reopen_count', 'forced', 'updated_at_ms',
+    'config_fingerprint')
   if not ok then
     redis.call('DEL', K_STATE, K_WIN, K_PROBES)
     repair('state key had the wrong type')
@@ -62,7 +63,7 @@ local function load()
   end
   local S = {state = v[1], gen = num(v[2], 0), open_until = num(v[3], 0), cf = num(v[4], 0),
              hs = num(v[5], 0), reopen = num(v[6], 0), forced = v[7] or '',
-             updated = num(v[8], 0), dirty = false, from = ''}
+             updated = num(v[8], 0), fp = v[9] or '', dirty = false, from = ''}
   if S.state == nil or S.state == false then
     S.state = 'closed'
     S.new = true
@@ -111,13 +112,19 @@ local function effective(state, forced)
   return state
 end
 
--- Rewrites every field (one HSET) and refreshes the TTL of state and window.
+-- Rewrites every field (one HSET) and refreshes the TTL of state and window. An empty
+-- fingerprint (the operator CLI) keeps the stored one; a different one marks drift.
 local function save(S)
   if not S.dirty and NOW - S.updated < CFG.ttl / 8 then return end
+  local fp = FP
+  if fp == '' then fp = S.fp end
   redis.call('HSET', K_STATE, 'state', S.state, 'generation', S.gen,
     'open_until_ms', S.open_until, 'consecutive_failures', S.cf,
     'half_open_successes', S.hs, 'reopen_count', S.reopen, 'forced', S.forced,
-    'config_fingerprint', FP, 'updated_at_ms', NOW)
+    'config_fingerprint', fp, 'updated_at_ms', NOW)
+  if FP ~= '' and S.fp ~= '' and S.fp ~= FP then
+    redis.call('HSET', K_STATE, 'config_drift_at_ms', NOW, 'config_fingerprint_other', S.fp)
+  end
   if S.opened_at then redis.call('HSET', K_STATE, 'opened_at_ms', S.opened_at) end
   redis.call('PEXPIRE', K_STATE, CFG.ttl)
   redis.call('PEXPIRE', K_WIN, CFG.ttl)

@@ -97,7 +97,8 @@ def test_time_window_totals_match_the_breaker(redis_server: RedisServer,
 _WORKER = """
 import sys, time, json, redis
 from distbreaker import CircuitBreaker, CircuitBreakerConfig
-b = CircuitBreaker(sys.argv[2], CircuitBreakerConfig(max_staleness=60), redis=redis.Redis.from_url(sys.argv[1]))
+b = CircuitBreaker(sys.argv[2], CircuitBreakerConfig(max_staleness=60),
+                   redis=redis.Redis.from_url(sys.argv[1]))
 print("ready", flush=True)
 last = None
 end = time.monotonic() + float(sys.argv[3])

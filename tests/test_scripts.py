@@ -19,10 +19,10 @@ import redis
 from distbreaker import CircuitBreaker, CircuitBreakerConfig
 from distbreaker._keys import BreakerKeys, channel_for
 from distbreaker._ops import Code, ScriptCall, build_call, decode_reply
-from distbreaker._scripts import OPS, script_source
+from distbreaker._scripts import OPS, _lua_dir, script_source
 from distbreaker.stores import MemoryStore, RedisStore
 
-LUA = Path(__file__).resolve().parent.parent / "lua"
+LUA = Path(str(_lua_dir()))  # the installed package's copy when testing a wheel
 T0 = 1_700_000_000_000
 
 

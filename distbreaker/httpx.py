@@ -170,18 +170,30 @@ def _exc_outcome(breaker: CircuitBreaker | AsyncCircuitBreaker, permit: Permit,
 
 
 def _host_key(key: str) -> str:
-    """Normalise a ``hosts`` key the way httpx normalises ``request.url.host``."""
-    if not isinstance(key, str) or not key or "/" in key:
-        raise ValueError(f"hosts keys must be host names like 'api.openai.com', got {key!r}")
+    """Normalise a ``hosts`` key the way httpx normalises ``request.url.host``.
+
+    A key with a port, scheme, path or user would never match a host, so it is an error
+    here rather than a vendor that silently goes unguarded.
+    """
+    bad = ValueError(f"hosts keys are host names like 'api.openai.com' or "
+                     f"'*.stt.speech.microsoft.com' (no scheme, port, path or user), "
+                     f"got {key!r}")
+    if not isinstance(key, str) or not key or "/" in key or "@" in key:
+        raise bad
     wild = key.startswith("*.")
     name = key[2:] if wild else key
+    if not (name.startswith("[") and name.endswith("]")):
+        if name.count(":") == 1:
+            raise bad  # host:port
+        if ":" in name:
+            name = f"[{name}]"  # a bare IPv6 address
     try:
         url = httpx.URL(f"http://{name}/")
     except httpx.InvalidURL:
-        raise ValueError(f"bad host in hosts: {key!r}") from None
-    if url.port is not None or url.userinfo or not url.host:
-        raise ValueError(f"hosts keys are host names without port or user, got {key!r}")
+        raise bad from None
     host = url.host.rstrip(".")
+    if url.port is not None or not host:
+        raise bad
     return f".{host}" if wild else host
 
 

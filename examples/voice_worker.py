@@ -8,6 +8,7 @@ through shared breakers, falling back to the next provider when one is out.
 Providers are reached over HTTP at PROVIDER_URL (``POST {PROVIDER_URL}/{provider}/{stt|tts}``;
 the provider simulator of docker-compose.yml answers there). Without PROVIDER_URL they are
 simulated in process, and ``FAIL_PROVIDERS=openai,google`` makes those fail.
+``DISTBREAKER_REDIS_CLUSTER=1`` connects to DISTBREAKER_REDIS_URL as a Redis Cluster.
 Standard library only, besides distbreaker and redis.
 """
 
@@ -143,7 +144,14 @@ async def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     url = os.environ.get("DISTBREAKER_REDIS_URL")
-    client = aioredis.Redis.from_url(url) if url else None
+    client: Any = None
+    if url and os.environ.get("DISTBREAKER_REDIS_CLUSTER") == "1":
+        from redis.asyncio.cluster import RedisCluster
+
+        client = RedisCluster.from_url(url)
+        await client.initialize()  # learn the slots before the breakers subscribe
+    elif url:
+        client = aioredis.Redis.from_url(url)
     if client is None:
         log.warning("DISTBREAKER_REDIS_URL not set: breakers are local to this process")
     manager = AsyncCircuitBreakerManager(

@@ -62,13 +62,14 @@ class Permit:
     """An admitted call. Finish it exactly once; `mark_failure` lets a `protect()` body
     report a failure that raised nothing (an HTTP 503, say)."""
 
-    __slots__ = ("failed", "generation", "lease", "record", "retry_after", "started")
+    __slots__ = ("failed", "generation", "ignored", "lease", "record", "retry_after", "started")
 
     def __init__(self, generation: int, lease: str, record: bool) -> None:
         self.generation = generation
         self.lease = lease
         self.record = record
         self.failed = False
+        self.ignored = False
         self.retry_after: float | None = None
         self.started = _perf()
 
@@ -84,6 +85,12 @@ class Permit:
         """
         self.failed = True
         self.retry_after = retry_after
+
+    def mark_ignored(self) -> None:
+        """Count this call as neither success nor failure (it says nothing about the
+        provider: a request this process got wrong, a cancellation). A probe's lease goes
+        back to the fleet at once."""
+        self.ignored = True
 
 
 class BreakerCore:
@@ -299,13 +306,15 @@ class BreakerCore:
         send, e.g. a call admitted under a forced-closed override)."""
         cfg = self.config
         duration = _perf() - permit.started
-        timeout = timed_out or (
+        timeout = not permit.ignored and (timed_out or (
             cfg.timeout_duration is not None and duration > cfg.timeout_duration
-        )
+        ))
         slow = cfg.slow_call_duration is not None and duration > cfg.slow_call_duration
         retry_after = permit.retry_after
         failed: bool | None
-        if timeout:
+        if permit.ignored:
+            failed = None
+        elif timeout:
             failed = True
         elif exc is not None:
             if not isinstance(exc, Exception) or isinstance(exc, cfg.ignore_exceptions):

@@ -20,7 +20,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from ._failsafe import derive_client, guard_for
+from ._failsafe import STORE_ERRORS, derive_client, guard_for
 from ._ops import decode_push
 
 __all__ = ["AsyncHub", "Hub", "MemoryHub", "ThreadHub", "hub_for"]
@@ -92,7 +92,11 @@ class _Outage:
         self.backoff = 0.05
 
     def failed(self, exc: BaseException) -> float:
-        self.guard.failure(exc)
+        if isinstance(exc, STORE_ERRORS):
+            self.guard.failure(exc)
+        else:  # not an outage (a client bug, say): say so, but do not fail the store over
+            log.warning("distbreaker listener error (%s: %s); retrying", type(exc).__name__,
+                        exc, extra={"event": "distbreaker.listener_error"})
         delay = self.backoff * (0.5 + random.random())
         self.backoff = min(self.backoff * 2, 1.0)
         return delay
@@ -208,6 +212,9 @@ class AsyncHub(Hub):
                     break
                 try:
                     if ps is None:
+                        init = getattr(self._client, "initialize", None)
+                        if init is not None:  # an asyncio Cluster client learns its slots
+                            await init()
                         ps = self._client.pubsub()
                         await ps.subscribe(self.channel)
                     msg = await ps.get_message(timeout=self._tick(members))

@@ -17,6 +17,7 @@ from typing import Any, Generic, ParamSpec, TypeVar
 
 from ._config import CircuitBreakerConfig, CircuitState
 from ._core import BreakerCore, Permit, StateChangeHook
+from ._errors import CircuitOpenError
 from ._failsafe import STORE_ERRORS, derive_client
 from ._keys import DEFAULT_PREFIX
 from ._ops import ScriptCall
@@ -198,6 +199,52 @@ class CircuitBreaker(BreakerCore, CircuitBreakerInterface[Any]):
         if call is not None:
             self._fire(self._after_record(call, self._run(call)))
 
+    # -- two-step use: for integrations that cannot wrap the call in a function ------------
+
+    def admit(self) -> Permit:
+        """Admit one call (or raise CircuitOpenError); finish the permit exactly once with
+        `finish`. `call()` and `protect()` are thin layers over this pair."""
+        return self._admit()
+
+    def finish(self, permit: Permit, exc: BaseException | None = None,
+               result: Any = None) -> None:
+        """Record how an admitted call ended: the exception it raised, or its result."""
+        self._done(permit, exc, result)
+
+    async def aadmit(self) -> Permit:
+        """`admit` from asyncio code: the snapshot decides inline; a Redis round trip runs
+        in the loop's executor. If the caller is cancelled meanwhile, the permit is given
+        back as soon as the round trip ends, so a probe lease is not held until it expires."""
+        permit = self._fast_admit()
+        if permit is not None:
+            return permit
+        if self._guard is None:  # the in-process store: no I/O to wait for
+            return self._admit()
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(None, self._admit)
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            fut.add_done_callback(functools.partial(self._give_back, loop))
+            raise
+
+    def _give_back(self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[Permit]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        permit = fut.result()
+        permit.mark_ignored()
+        loop.run_in_executor(None, self._done, permit, None, None)
+
+    async def afinish(self, permit: Permit, exc: BaseException | None = None,
+                      result: Any = None) -> None:
+        """`finish` from asyncio code; the round trip runs in the loop's executor and is
+        not lost if the caller is cancelled meanwhile."""
+        if self._guard is None:
+            self._done(permit, exc, result)
+            return
+        loop = asyncio.get_running_loop()
+        await asyncio.shield(loop.run_in_executor(None, self._done, permit, exc, result))
+
     # -- state and operator actions --------------------------------------------------------
 
     def _refresh(self, background: bool = False) -> None:
@@ -278,6 +325,7 @@ class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
             _check_client(redis, want_async=True)
             self._store = AsyncRedisStore(derive_client(redis, self.config.redis_timeout))
             self._attach(AsyncHub, redis, redis)
+        self._background: set[asyncio.Future[Any]] = set()
 
     async def call(
         self, fn: Callable[P, Awaitable[R]], *args: P.args, **kwargs: P.kwargs
@@ -341,9 +389,40 @@ class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
         permit = self._fast_admit()
         if permit is None:
             call = self._acquire_call()
-            permit, events = self._after_acquire(call, await self._run(call))
+            task = asyncio.ensure_future(self._run(call))
+            try:
+                raw = await asyncio.shield(task)
+            except asyncio.CancelledError:
+                # the script may still grant a probe lease: give it back when it does
+                task.add_done_callback(functools.partial(self._give_back, call))
+                raise
+            permit, events = self._after_acquire(call, raw)
             self._fire(events)
         return permit
+
+    def _give_back(self, call: ScriptCall, task: asyncio.Future[Any]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return
+        try:
+            permit, events = self._after_acquire(call, task.result())
+        except CircuitOpenError:
+            return
+        self._fire(events)
+        if permit.lease:
+            permit.mark_ignored()
+            t = asyncio.ensure_future(self._done(permit, None, None))
+            self._background.add(t)  # keep a reference until it is done
+            t.add_done_callback(self._background.discard)
+
+    async def admit(self) -> Permit:
+        """Admit one call (or raise CircuitOpenError); finish it exactly once with `finish`.
+        Cancelling the caller while Redis answers gives a granted probe lease back."""
+        return await self._admit()
+
+    async def finish(self, permit: Permit, exc: BaseException | None = None,
+                     result: Any = None) -> None:
+        """Record how an admitted call ended: the exception it raised, or its result."""
+        await self._done(permit, exc, result)
 
     def _hub_running(self) -> None:
         hub = self._hub

@@ -37,8 +37,6 @@ What the transport decides, and why:
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
 import math
 from collections.abc import Callable, Mapping
@@ -52,7 +50,6 @@ from ._core import Permit
 from ._errors import CircuitOpenError
 from .breaker import AsyncCircuitBreaker, CircuitBreaker
 from .providers import AsyncCircuitBreakerManager, CircuitBreakerManager, Provider
-from .stores import MemoryStore
 
 __all__ = [
     "AsyncBreakerTransport",
@@ -69,17 +66,6 @@ B = TypeVar("B")
 #: Exceptions that say this process built a request the vendor never saw.
 _CALLER_ERRORS = (httpx.UnsupportedProtocol, httpx.LocalProtocolError)
 _RETRY_AFTER_STATUSES = frozenset({429, 503})
-
-
-class _NotCounted(BaseException):
-    """Finishes a permit as neither success nor failure.
-
-    The breaker counts a non-`Exception` outcome (like cancellation) as neither and gives
-    a probe lease back; this marker reuses that path for caller errors.
-    """
-
-
-_NOT_COUNTED = _NotCounted()
 
 
 # -- response classification ------------------------------------------------------------
@@ -155,9 +141,10 @@ def _judge(permit: Permit, response: httpx.Response,
 
 def _exc_outcome(breaker: CircuitBreaker | AsyncCircuitBreaker, permit: Permit,
                  exc: BaseException) -> BaseException | None:
-    """What to hand to the breaker's `_done` for an exception of the inner transport."""
+    """What to hand to the breaker's `finish` for an exception of the inner transport."""
     if isinstance(exc, _CALLER_ERRORS):
-        return _NOT_COUNTED
+        permit.mark_ignored()  # a bad request built here says nothing about the provider
+        return None
     if isinstance(exc, httpx.TransportError) and not isinstance(
         exc, breaker.config.ignore_exceptions
     ):
@@ -309,15 +296,15 @@ class BreakerTransport(httpx.BaseTransport):
         b = self._routing.breaker_for(request.url.host)
         if b is None:
             return self._transport.handle_request(request)
-        permit = b._admit()
+        permit = b.admit()
         try:
             response = self._transport.handle_request(request)
         except BaseException as e:
-            b._done(permit, _exc_outcome(b, permit, e), None)
+            b.finish(permit, _exc_outcome(b, permit, e), None)
             raise
         try:
             _judge(permit, response, self._is_failure)
-            b._done(permit, None, response)
+            b.finish(permit, None, response)
         except BaseException:
             response.close()
             raise
@@ -402,37 +389,13 @@ class AsyncBreakerTransport(httpx.AsyncBaseTransport):
 
 async def _admit(b: AnyBreaker) -> Permit:
     if isinstance(b, AsyncCircuitBreaker):
-        return await b._admit()
-    permit = b._fast_admit()  # plainly closed: admit; plainly open: raise; no I/O
-    if permit is not None:
-        return permit
-    if isinstance(b._store, MemoryStore):
-        return b._admit()
-    loop = asyncio.get_running_loop()
-    fut = loop.run_in_executor(None, b._admit)
-    try:
-        return await asyncio.shield(fut)
-    except asyncio.CancelledError:
-        fut.add_done_callback(functools.partial(_give_back, b, loop))
-        raise
-
-
-def _give_back(b: CircuitBreaker, loop: asyncio.AbstractEventLoop,
-               fut: asyncio.Future[Permit]) -> None:
-    """An admission finished after its request was cancelled: finish the permit as no
-    outcome (a probe's lease goes back to the fleet at once)."""
-    if fut.cancelled() or fut.exception() is not None:
-        return
-    loop.run_in_executor(None, b._done, fut.result(), _NOT_COUNTED, None)
+        return await b.admit()
+    return await b.aadmit()  # Redis round trips off the loop; a cancelled probe gives back
 
 
 async def _done(b: AnyBreaker, permit: Permit, exc: BaseException | None,
                 response: httpx.Response | None) -> None:
     if isinstance(b, AsyncCircuitBreaker):
-        await b._done(permit, exc, response)
-    elif isinstance(b._store, MemoryStore):
-        b._done(permit, exc, response)
+        await b.finish(permit, exc, response)
     else:
-        # shielded: a cancellation while queued must not drop the outcome
-        loop = asyncio.get_running_loop()
-        await asyncio.shield(loop.run_in_executor(None, b._done, permit, exc, response))
+        await b.afinish(permit, exc, response)

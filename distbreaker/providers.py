@@ -8,7 +8,6 @@ now, and call the first one that works.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import enum
 import functools
@@ -102,21 +101,13 @@ class _Protect:
         self._breaker._done(self._permit, e, None)
 
     async def __aenter__(self) -> Permit:
-        b = self._breaker
-        permit = b._fast_admit()
-        if permit is None:
-            permit = await asyncio.to_thread(b._admit)
-        self._permit = permit
-        return permit
+        self._permit = await self._breaker.aadmit()
+        return self._permit
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> None:
         assert self._permit is not None
-        b = self._breaker
-        if isinstance(b._store, MemoryStore):
-            b._done(self._permit, e, None)
-        else:
-            await asyncio.to_thread(b._done, self._permit, e, None)
+        await self._breaker.afinish(self._permit, e, None)
 
 
 class ProviderCircuitBreaker(CircuitBreaker):

@@ -223,3 +223,45 @@ async def test_push_reaches_an_idle_async_breaker(redis_client: Any) -> None:
     await a.close()
     await asyncio.sleep(0.05)
     await c.aclose()
+
+
+async def test_cancelled_during_acquire_gives_the_lease_back(amake: Factory) -> None:
+    a, b = amake(cfg=cfg(probe_lease=60)), amake(cfg=cfg(probe_lease=60))
+    for _ in range(3):
+        with pytest.raises(RuntimeError):
+            await a.call(boom)
+    await at(10_000, a, b)
+    gate = asyncio.Event()
+    real_run = a._store.run
+
+    async def slow_run(call: Any) -> Any:
+        if call.op == "acquire":
+            raw = await real_run(call)  # the lease is granted in the store...
+            await gate.wait()  # ...but the reply is late
+            return raw
+        return await real_run(call)
+
+    a._store.run = slow_run  # type: ignore[method-assign]
+    task = asyncio.create_task(a.call(one))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    gate.set()
+    for _ in range(50):  # the reply lands, the lease goes back
+        await asyncio.sleep(0.01)
+        if not a._background:
+            break
+    await at(10_000, b)
+    assert await b.call(one) == 1  # b got the probe: a's lease was returned
+
+
+async def test_two_step_admit_finish(amake: Factory) -> None:
+    b = amake(cfg=cfg())
+    p = await b.admit()
+    await b.finish(p, RuntimeError("x"))
+    p = await b.admit()
+    p.mark_ignored()
+    await b.finish(p)
+    m = await b.get_metrics()
+    assert (m.failed_calls, m.ignored_calls) == (1, 1)

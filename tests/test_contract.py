@@ -430,3 +430,17 @@ def test_first_call_learns_the_fleet_state(make: Factory) -> None:
     trip(a)
     late = make(cfg=cfg())  # a new process: snapshot unknown, must ask before calling
     rejected(late)
+
+
+def test_two_step_admit_finish(make: Factory) -> None:
+    b = make(cfg=cfg())
+    p = b.admit()
+    b.finish(p, KeyError("x"))
+    p = b.admit()
+    b.finish(p, result=5)
+    p = b.admit()
+    p.mark_ignored()
+    b.finish(p)
+    m = b.get_metrics()
+    assert (m.failed_calls, m.successful_calls, m.ignored_calls) == (1, 1, 1)
+    assert m.fleet is not None and m.fleet.calls == 2

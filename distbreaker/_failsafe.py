@@ -17,7 +17,8 @@ import time
 import weakref
 from typing import Any
 
-__all__ = ["STORE_ERRORS", "StoreGuard", "derive_client", "guard_for"]
+__all__ = ["STORE_ERRORS", "StoreGuard", "derive_client", "guard_for", "share_client",
+           "unshare_client"]
 
 log = logging.getLogger("distbreaker")
 
@@ -107,8 +108,9 @@ _GUARDS_LOCK = threading.Lock()
 
 
 def _fresh_lock_in_child() -> None:
-    global _GUARDS_LOCK
+    global _GUARDS_LOCK, _DERIVED_LOCK
     _GUARDS_LOCK = threading.Lock()  # the parent may have held it while forking
+    _DERIVED_LOCK = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_fresh_lock_in_child)
@@ -135,6 +137,38 @@ def _label(client: Any) -> str:
     if "host" in kw:
         return f"{kw.get('host')}:{kw.get('port')}/{kw.get('db', 0)}"
     return f"{type(client).__name__}@{id(client):x}"
+
+
+_DERIVED: dict[tuple[int, int, float, float | None], list[Any]] = {}
+_DERIVED_LOCK = threading.Lock()
+
+
+def share_client(client: Any, timeout: float, connect_timeout: float | None = None) -> Any:
+    """`derive_client`, shared by every breaker of `client` with the same timeouts (one pool
+    per process, not one per breaker); give it back with `unshare_client`."""
+    key = (os.getpid(), id(client), timeout, connect_timeout)
+    with _DERIVED_LOCK:
+        entry = _DERIVED.get(key)
+        if entry is None:
+            entry = _DERIVED[key] = [derive_client(client, timeout, connect_timeout), 0,
+                                     client]
+        entry[1] += 1
+        return entry[0]
+
+
+def unshare_client(client: Any, timeout: float, connect_timeout: float | None = None) -> Any:
+    """Drop one user of a shared client; returns it when it was the last, to be closed
+    by the caller (unless it is the user's own client), else None."""
+    key = (os.getpid(), id(client), timeout, connect_timeout)
+    with _DERIVED_LOCK:
+        entry = _DERIVED.get(key)
+        if entry is None:
+            return None
+        entry[1] -= 1
+        if entry[1] > 0:
+            return None
+        del _DERIVED[key]
+    return None if entry[0] is client else entry[0]
 
 
 def derive_client(client: Any, timeout: float, connect_timeout: float | None = None) -> Any:

@@ -18,7 +18,7 @@ from typing import Any, Generic, ParamSpec, TypeVar
 from ._config import CircuitBreakerConfig, CircuitState
 from ._core import BreakerCore, Permit, StateChangeHook
 from ._errors import CircuitOpenError
-from ._failsafe import STORE_ERRORS, derive_client
+from ._failsafe import STORE_ERRORS, share_client, unshare_client
 from ._keys import DEFAULT_PREFIX
 from ._ops import ScriptCall
 from ._sync import AsyncHub, MemoryHub, ThreadHub
@@ -125,7 +125,7 @@ class CircuitBreaker(BreakerCore, CircuitBreakerInterface[Any]):
             self._attach(MemoryHub, self._store, None)
         else:
             _check_client(redis, want_async=False)
-            self._store = RedisStore(derive_client(redis, self.config.redis_timeout))
+            self._store = RedisStore(share_client(redis, self.config.redis_timeout))
             self._attach(ThreadHub, redis, redis)
         # Best effort: the listener retries, and the first call asks Redis anyway.
         with contextlib.suppress(Exception):
@@ -283,8 +283,14 @@ class CircuitBreaker(BreakerCore, CircuitBreakerInterface[Any]):
         self._run_op("force", "")
 
     def close(self) -> None:
-        """Stop listening for this breaker (the shared state in Redis stays)."""
+        """Stop listening for this breaker and release its connections (the shared state
+        in Redis stays). Idempotent."""
+        client = self._attached[2] if self._attached is not None else None
         self._detach()
+        if client is not None:
+            spare = unshare_client(client, self.config.redis_timeout)
+            if spare is not None:
+                spare.close()
 
     def __enter__(self) -> CircuitBreaker:
         return self
@@ -323,7 +329,7 @@ class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
             self._attach(MemoryHub, self._store.sync, None)
         else:
             _check_client(redis, want_async=True)
-            self._store = AsyncRedisStore(derive_client(redis, self.config.redis_timeout))
+            self._store = AsyncRedisStore(share_client(redis, self.config.redis_timeout))
             self._attach(AsyncHub, redis, redis)
         self._background: set[asyncio.Future[Any]] = set()
 
@@ -468,7 +474,13 @@ class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
         await self._run_op("force", "")
 
     async def close(self) -> None:
+        """Stop listening for this breaker and release its connections. Idempotent."""
+        client = self._attached[2] if self._attached is not None else None
         self._detach()
+        if client is not None:
+            spare = unshare_client(client, self.config.redis_timeout)
+            if spare is not None:
+                await spare.aclose()
 
     async def __aenter__(self) -> AsyncCircuitBreaker:
         return self

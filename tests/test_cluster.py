@@ -27,7 +27,6 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
-from redis_topology import HOST, ClusterTopology, Worker, pids_alive, stdin_closed_event
 
 from distbreaker import (
     AsyncCircuitBreaker,
@@ -37,6 +36,8 @@ from distbreaker import (
     CircuitState,
 )
 from distbreaker.providers import CircuitBreakerManager
+
+from redis_topology import HOST, ClusterTopology, Worker, pids_alive, stdin_closed_event
 
 CHANNEL = "distbreaker:v1:events"
 # Commands the Lua scripts issue themselves; INFO commandstats counts them too.
@@ -335,29 +336,47 @@ async def test_async_cluster_breaker_idle_before_its_first_call(
 def test_one_evalsha_per_successful_call_on_the_owning_node(cluster: ClusterTopology,
                                                             rc: RedisCluster) -> None:
     cfg = CircuitBreakerConfig(**LIFECYCLE)
-    n = 50
-    for port, name in names_per_node(cluster, "cmds").items():
-        b = CircuitBreaker(name, cfg, redis=rc)
-        try:
-            b.call(lambda: 1)  # scripts loaded, snapshot known: the steady state
-            nodes = {p: direct(cluster, p) for p in cluster.ports}
+    # An anchor breaker keeps the client's listener subscribed for the whole test: each
+    # time a subscription is established the listener refreshes every breaker (one
+    # snapshot EVALSHA each), and that may land inside a measurement. Such a sporadic
+    # extra is why a measurement may be repeated; one extra per call would never pass.
+    anchor = CircuitBreaker(f"anchor-{uuid.uuid4().hex[:6]}", cfg, redis=rc)
+    try:
+        for port, name in names_per_node(cluster, "cmds").items():
+            _count_commands(cluster, rc, cfg, port, name)
+    finally:
+        anchor.close()
+
+
+def _count_commands(cluster: ClusterTopology, rc: RedisCluster, cfg: CircuitBreakerConfig,
+                    port: int, name: str, n: int = 50) -> None:
+    b = CircuitBreaker(name, cfg, redis=rc)
+    nodes = {p: direct(cluster, p) for p in cluster.ports}
+    attempts = []
+    try:
+        b.call(lambda: 1)  # scripts loaded, snapshot known: the steady state
+        for _ in range(3):
             for c in nodes.values():
                 c.config_resetstat()
             for _ in range(n):
                 assert b.call(lambda: 1) == 1
             stats = {p: {k: int(v["calls"]) for k, v in c.info("commandstats").items()}
                      for p, c in nodes.items()}
-            assert stats[port].get("cmdstat_evalsha") == n, stats[port]
-            client_side = set(stats[port]) - SCRIPT_INTERNAL - {
-                "cmdstat_evalsha", "cmdstat_config|resetstat", "cmdstat_info"}
-            assert client_side == set(), stats[port]
-            for p, s in stats.items():
-                if p != port:
-                    assert "cmdstat_evalsha" not in s, (p, s)
-            for c in nodes.values():
-                c.close()
-        finally:
-            b.close()
+            attempts.append(stats)
+            evalsha = {p: st.get("cmdstat_evalsha", 0) for p, st in stats.items()}
+            if evalsha == {p: (n if p == port else 0) for p in cluster.ports}:
+                break
+            # a repeated measurement saw at most one extra, from the listener
+            assert sum(evalsha.values()) <= n + 1, attempts
+        else:
+            raise AssertionError(f"not one EVALSHA per call on {port}: {attempts}")
+        client_side = set(stats[port]) - SCRIPT_INTERNAL - {
+            "cmdstat_evalsha", "cmdstat_config|resetstat", "cmdstat_info"}
+        assert client_side == set(), stats[port]
+    finally:
+        b.close()
+        for c in nodes.values():
+            c.close()
 
 
 # -- manager ----------------------------------------------------------------------------------

@@ -44,9 +44,9 @@ import pytest
 import redis
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from redis_topology import REDIS_CLI, free_ports
 
 from redis_server import REDIS_SERVER, free_port
+from redis_topology import REDIS_CLI, free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"

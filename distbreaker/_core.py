@@ -267,9 +267,18 @@ class BreakerCore:
                 self._seq += 1
 
     def _store_recovered(self) -> None:
-        """Redis is back: drop the fallback and adopt the shared state on the next read."""
+        """Redis is back: drop the fallback and adopt the shared state. The snapshot stays
+        (is_available() keeps answering from it) but is marked stale, so the listener
+        re-reads it at once; a call adopts the shared state with its own reply."""
         self._local = None
-        self._forget()
+        if self.config.on_redis_error != "local":
+            self._forget()  # the fallback's state was made up ("allow" / "deny")
+            return
+        with self._lock:
+            s = self._snap
+            self._snap = LocalSnapshot(s.state, s.forced, s.generation, s.server_ms, -_INF,
+                                       s.closed, s.known)
+            self._seq += 1
         if self._listeners:
             self._emit(StoreEvent(self.name, False))
 

@@ -9,6 +9,7 @@ open, breakers answer from a local fallback at in-process cost (see `BreakerCore
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import random
@@ -131,7 +132,11 @@ def _label(client: Any) -> str:
     pool: Any = getattr(client, "connection_pool", None)
     kw = getattr(pool, "connection_kwargs", {}) or {}
     if hasattr(pool, "service_name"):
-        return f"sentinel:{pool.service_name}"
+        sentinels = sorted(
+            "{}:{}".format(*_addr(c)) for c in getattr(pool.sentinel_manager, "sentinels", [])
+        )
+        role = "primary" if getattr(pool, "is_master", True) else "replica"
+        return f"sentinel:{pool.service_name}:{role}@{','.join(sentinels)}"
     if "path" in kw:
         return f"unix:{kw['path']}/{kw.get('db', 0)}"
     if "host" in kw:
@@ -171,12 +176,59 @@ def unshare_client(client: Any, timeout: float, connect_timeout: float | None = 
     return None if entry[0] is client else entry[0]
 
 
+def _addr(client: Any) -> tuple[str, Any]:
+    kw = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {}) or {}
+    return str(kw.get("host", "?")), kw.get("port", "?")
+
+
+_CLUSTER_DROP = ("host", "port", "connection_pool", "connection_class", "himport_registry",
+                 "retry", "retry_on_timeout", "retry_on_error", "redis_connect_func",
+                 "event_dispatcher", "maint_notifications_config", "cache", "cache_config")
+
+
+def _derive_cluster(client: Any, timeout: float, connect_timeout: float, is_async: bool) -> Any:
+    """A Cluster client over the same nodes and settings, with short timeouts, no retries."""
+    from redis.backoff import NoBackoff
+
+    if is_async:
+        from redis.asyncio.cluster import ClusterNode as ANode
+        from redis.asyncio.cluster import RedisCluster as ACluster
+        from redis.asyncio.retry import Retry as ARetry
+
+        kw = dict(client.connection_kwargs)
+        known = client.get_nodes() or list(client.nodes_manager.startup_nodes.values())
+        nodes: list[Any] = [ANode(n.host, n.port) for n in known]
+        cls: Any = ACluster
+        retry: Any = ARetry(NoBackoff(), 0)
+    else:
+        from redis.cluster import ClusterNode, RedisCluster
+        from redis.retry import Retry
+
+        kw = dict(client.nodes_manager.connection_kwargs)
+        nodes = [ClusterNode(n.host, n.port) for n in client.get_nodes()]  # type: ignore[no-untyped-call]
+        cls, retry = RedisCluster, Retry(NoBackoff(), 0)
+    for k in _CLUSTER_DROP:
+        kw.pop(k, None)
+    params = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        kw = {k: v for k, v in kw.items() if k in params}
+    kw.update(socket_timeout=timeout, socket_connect_timeout=connect_timeout)
+    return cls(startup_nodes=nodes, retry=retry, **kw)
+
+
 def derive_client(client: Any, timeout: float, connect_timeout: float | None = None) -> Any:
-    """A client like `client` (same server, credentials, TLS, Sentinel service) but with
-    `timeout` on every read and connect and no retries, over a pool of its own. Clients
-    this cannot copy (Cluster) are returned as they are."""
+    """A client like `client` (same server, credentials, TLS, Sentinel service, Cluster
+    nodes) but with `timeout` on every read and connect and no retries, over connections of
+    its own. A client this cannot copy is returned as it is (and logged)."""
     pool = getattr(client, "connection_pool", None)
     if pool is None or not hasattr(pool, "connection_kwargs"):
+        if hasattr(client, "get_nodes"):
+            try:
+                return _derive_cluster(client, timeout, connect_timeout or timeout,
+                                       type(client).__module__.startswith("redis.asyncio"))
+            except Exception as e:
+                log.warning("distbreaker: could not derive a short-timeout Cluster client "
+                            "(%s); using yours as it is: set socket_timeout on it", e)
         return client
     is_async = type(client).__module__.startswith("redis.asyncio")
     if is_async:
@@ -205,3 +257,14 @@ def derive_client(client: Any, timeout: float, connect_timeout: float | None = N
     except Exception as e:  # an unusual pool: keep the user's own client
         log.debug("could not derive a short-timeout client from %r: %s", client, e)
         return client
+
+
+def sentinel_pools(client: Any) -> list[Any]:
+    """The Sentinel pools behind `client` and the clients derived from it in this process:
+    checking their primary's address now and then moves idle connections to a new primary
+    after a failover (redis-py only looks the primary up on new connections)."""
+    with _DERIVED_LOCK:
+        clients = [client, *(e[0] for k, e in _DERIVED.items()
+                             if k[0] == os.getpid() and e[2] is client)]
+    return [c.connection_pool for c in clients
+            if hasattr(getattr(c, "connection_pool", None), "get_master_address")]

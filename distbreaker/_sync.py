@@ -20,7 +20,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from ._failsafe import STORE_ERRORS, derive_client, guard_for
+from ._failsafe import STORE_ERRORS, derive_client, guard_for, sentinel_pools
 from ._ops import decode_push
 
 __all__ = ["AsyncHub", "Hub", "MemoryHub", "ThreadHub", "hub_for"]
@@ -138,6 +138,7 @@ class ThreadHub(Hub):
     def _run(self) -> None:
         ps = None
         outage = _Outage(self._user_client)
+        next_check = time.monotonic() + 1.0
         while True:
             members = self.members()
             if not members:
@@ -158,6 +159,10 @@ class ThreadHub(Hub):
                     elif msg["type"] == "message":
                         self.dispatch(msg["data"])
                 self._refresh(members, only_stale=True)
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + 1.0
+                    for pool in sentinel_pools(self._user_client):
+                        pool.get_master_address()
             except Exception as e:
                 if not self.members():
                     continue  # closed while Redis went away: exit without a warning
@@ -205,6 +210,7 @@ class AsyncHub(Hub):
     async def _run(self) -> None:
         ps = None
         outage = _Outage(self._user_client)
+        next_check = time.monotonic() + 1.0
         try:
             while True:
                 members = self.members()
@@ -225,6 +231,10 @@ class AsyncHub(Hub):
                         elif msg["type"] == "message":
                             self.dispatch(msg["data"])
                     await self._refresh(members, only_stale=True)
+                    if time.monotonic() >= next_check:
+                        next_check = time.monotonic() + 1.0
+                        for pool in sentinel_pools(self._user_client):
+                            await pool.get_master_address()
                 except Exception as e:
                     if not self.members():
                         continue

@@ -17,7 +17,7 @@ from typing import Any, Generic, ParamSpec, TypeVar
 
 from ._config import CircuitBreakerConfig, CircuitState
 from ._core import BreakerCore, Permit, StateChangeHook
-from ._errors import CircuitOpenError
+from ._errors import CircuitOpenError, StoreUnavailableError
 from ._failsafe import STORE_ERRORS, share_client, unshare_client
 from ._keys import DEFAULT_PREFIX
 from ._ops import ScriptCall
@@ -261,8 +261,20 @@ class CircuitBreaker(BreakerCore, CircuitBreakerInterface[Any]):
         return self._metrics(self._after_snapshot(self._run(self._call("snapshot"))))
 
     def _run_op(self, op: str, *extra: str) -> None:
+        """An operator action (force, release, reset) must reach Redis: while Redis is
+        unavailable it raises StoreUnavailableError instead of changing only this process."""
         call = self._call(op, *extra)
-        self._fire(self._after_record(call, self._run(call)))
+        g = self._guard
+        if g is None:
+            raw = self._store.run(call)
+        else:
+            try:
+                raw = self._store.run(call)
+            except STORE_ERRORS as e:
+                g.failure(e)
+                raise StoreUnavailableError(self.name, self.get_state(), None) from e
+            g.success()
+        self._fire(self._after_record(call, raw))
 
     def reset(self) -> None:
         """Fleet-wide: back to CLOSED, counters and override cleared; and this process's
@@ -456,9 +468,20 @@ class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
         return self._metrics(self._after_snapshot(await self._run(self._call("snapshot"))))
 
     async def _run_op(self, op: str, *extra: str) -> None:
+        """See `CircuitBreaker._run_op`: raises StoreUnavailableError while Redis is down."""
         self._hub_running()
         call = self._call(op, *extra)
-        self._fire(self._after_record(call, await self._run(call)))
+        g = self._guard
+        if g is None:
+            raw = await self._store.run(call)
+        else:
+            try:
+                raw = await self._store.run(call)
+            except STORE_ERRORS as e:
+                g.failure(e)
+                raise StoreUnavailableError(self.name, self.get_state(), None) from e
+            g.success()
+        self._fire(self._after_record(call, raw))
 
     async def reset(self) -> None:
         await self._run_op("reset")

@@ -567,3 +567,48 @@ def _worker_main(spec: dict[str, Any]) -> int:
 
 if __name__ == "__main__":
     sys.exit(_worker_main(json.loads(sys.argv[1])))
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_redis_timeout_applies_to_cluster_clients(cluster: ClusterTopology,
+                                                        kind: str) -> None:
+    """A paused shard costs a caller at most redis_timeout, then the fallback answers."""
+    from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+
+    name = f"paused-{kind}-{uuid.uuid4().hex[:6]}"
+    cfg = CircuitBreakerConfig(failure_threshold=3, redis_timeout=0.05)
+    if kind == "sync":
+        c: Any = RedisCluster(host=HOST, port=cluster.ports[0])
+        b: Any = CircuitBreaker(name, cfg, redis=c)
+        b.call(lambda: 1)
+    else:
+        c = AsyncRedisCluster(host=HOST, port=cluster.ports[0])
+        b = AsyncCircuitBreaker(name, cfg, redis=c)
+
+        async def one() -> int:
+            return 1
+
+        await b.call(one)
+    assert b._store.client is not c  # a short-timeout copy, not the user's client
+    owner = RedisCluster(host=HOST, port=cluster.ports[0]).get_node_from_key(keys_of(name)[0])
+    direct(cluster, owner.port).execute_command("CLIENT", "PAUSE", 1000, "ALL")
+    t0 = time.perf_counter()
+    if kind == "sync":
+        b.call(lambda: 1)
+    else:
+        await b.call(one)
+    assert time.perf_counter() - t0 < 0.5
+    assert b.store_degraded
+    time.sleep(1.2)
+    for _ in range(3):
+        if kind == "sync":
+            b.call(lambda: 1)
+        else:
+            await b.call(one)
+        time.sleep(0.3)
+    assert not b.store_degraded
+    if kind == "sync":
+        b.close()
+    else:
+        await b.close()
+        await c.aclose()

@@ -241,3 +241,66 @@ def test_garbage_in_redis_never_raises(title: str, cmd: list[Any], replace: bool
     if noted:
         assert "repaired breaker state" in caplog.text, caplog.text
     b.close()
+
+
+def test_operator_actions_fail_loudly_while_redis_is_down() -> None:
+    """force/release/reset must reach the fleet: during an outage they raise, they do not
+    quietly change only this process."""
+    from distbreaker import StoreUnavailableError
+
+    srv = RedisServer().start()
+    b = CircuitBreaker("ops", CircuitBreakerConfig(max_staleness=60), redis=srv.client())
+    b.call(lambda: 1)
+    srv.kill()
+    try:
+        for op in (b.force_open, b.force_closed, b.release, b.reset):
+            with pytest.raises(StoreUnavailableError):
+                op()
+        assert b.call(lambda: 3) == 3  # callers are still served by the fallback
+    finally:
+        srv.start()
+    b.force_open()
+    assert srv.client().hget("distbreaker:v1:{ops}", "forced") == b"open"
+    b.close()
+    srv.stop()
+
+
+def test_recovery_keeps_a_forced_open_breaker_unavailable() -> None:
+    """When Redis returns, a breaker that is forced open in Redis must not look available
+    while it re-reads the shared state."""
+    srv = RedisServer().start()
+    client = srv.client()
+    a = CircuitBreaker("rec-a", CircuitBreakerConfig(max_staleness=60), redis=client)
+    b = CircuitBreaker("rec-b", CircuitBreakerConfig(max_staleness=60), redis=client)
+    b.force_open()
+    a.call(lambda: 1)
+    srv.client().execute_command("CLIENT", "PAUSE", 600, "ALL")
+    a.call(lambda: 1)  # times out: the guard opens for every breaker of the client
+    assert a.store_degraded and b.store_degraded
+    seen = []
+    deadline = time.monotonic() + 3
+    next_call = 0.0
+    while time.monotonic() < deadline:
+        seen.append(b.is_available())
+        if time.monotonic() >= next_call:  # a's calls find out when Redis is back
+            a.call(lambda: 1)
+            next_call = time.monotonic() + 0.05
+        time.sleep(0.005)
+    assert not a.store_degraded
+    assert not any(seen), "a forced-open breaker looked available during recovery"
+    a.close()
+    b.close()
+    srv.stop()
+
+
+def test_sentinel_deployments_do_not_share_a_guard() -> None:
+    from redis.sentinel import Sentinel
+
+    from distbreaker._failsafe import guard_for
+
+    one = Sentinel([("127.0.0.1", 26001)]).master_for("mymaster")
+    two = Sentinel([("127.0.0.1", 26002)]).master_for("mymaster")
+    replica = Sentinel([("127.0.0.1", 26001)]).slave_for("mymaster")
+    assert guard_for(one) is not guard_for(two)
+    assert guard_for(one) is not guard_for(replica)
+    assert guard_for(one) is guard_for(Sentinel([("127.0.0.1", 26001)]).master_for("mymaster"))

@@ -38,6 +38,7 @@ _monotonic = time.monotonic
 _perf = time.perf_counter
 _INF = math.inf
 _CLOSED, _OPEN, _HALF_OPEN = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
+_NONE = int(Code.NONE)
 
 StateChangeHook = Callable[[str, CircuitState, CircuitState], Any]
 
@@ -123,6 +124,7 @@ class BreakerCore:
         self._snap = _UNKNOWN
         self._admit_from = -_INF
         self._seq = 0  # bumped on every install: a background refresh yields to newer news
+        self._snap_at = -_INF  # when the snapshot was last confirmed (short replies too)
         self._lock = threading.Lock()
         self._counters = _Counters()
         self._base_args: list[str | int | float] = [
@@ -278,6 +280,7 @@ class BreakerCore:
             s = self._snap
             self._snap = LocalSnapshot(s.state, s.forced, s.generation, s.server_ms, -_INF,
                                        s.closed, s.known)
+            self._snap_at = -_INF
             self._seq += 1
         if self._listeners:
             self._emit(StoreEvent(self.name, False))
@@ -355,9 +358,20 @@ class BreakerCore:
         return self._call("record", permit.generation, int(Code.NONE), permit.lease, 0)
 
     def _after_record(self, call: ScriptCall, raw: Any) -> list[tuple[Any, ...]]:
-        r = decode_reply(raw)
         # outcome groups start at args[6]; the code is the second item of each
-        sent = sum(1 for i in range(7, len(call.args), 4) if call.args[i] != int(Code.NONE))
+        sent = sum(1 for i in range(7, len(call.args), 4) if call.args[i] != _NONE)
+        if len(raw) == 3:  # short reply: still plainly CLOSED at this generation
+            counted, gen, now_ms = int(raw[0]), int(raw[1]), int(raw[2])
+            if sent > counted:
+                self._counters.add("stale", sent - counted)
+            s = self._snap
+            if gen == s.generation and s.closed and not s.forced:
+                self._snap_at = _monotonic()  # nothing changed: only fresher
+            else:
+                self._install(LocalSnapshot(_CLOSED, "", gen, now_ms, _monotonic(), True),
+                              -_INF)
+            return []
+        r = decode_reply(raw)
         if sent > r.decision:
             self._counters.add("stale", sent - r.decision)
         return self._apply_reply(r, _monotonic())
@@ -432,6 +446,7 @@ class BreakerCore:
             self._snap = LocalSnapshot(self._snap.state, self._snap.forced,
                                        self._snap.generation, self._snap.server_ms, -_INF,
                                        self._snap.closed, self._snap.known)
+            self._snap_at = -_INF
         if self._attached is not None:
             self._attach(*self._attached)
 
@@ -467,6 +482,7 @@ class BreakerCore:
             ):
                 return
             self._snap = snap
+            self._snap_at = snap.at
             self._admit_from = admit_from
             self._seq += 1
 
@@ -474,11 +490,12 @@ class BreakerCore:
         """Drop the snapshot so the next call asks Redis first (e.g. after a fork)."""
         with self._lock:
             self._snap = _UNKNOWN
+            self._snap_at = -_INF
             self._admit_from = -_INF
             self._seq += 1
 
     def _is_stale(self, now: float) -> bool:
-        return now - self._snap.at > self.config.max_staleness
+        return now - max(self._snap_at, self._snap.at) > self.config.max_staleness
 
     def _fire(self, events: list[tuple[Any, ...]]) -> None:
         """Run on_state_change for transitions this process made; never under a lock."""

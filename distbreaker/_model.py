@@ -265,6 +265,8 @@ class BreakerModel:
             msgs.append(self._msg("t", frm, now, name))
         elif freed and self.state == "half_open" and not self.forced:
             msgs.append(self._msg("p", "", now, name))
+        if not frm and self.state == "closed" and not self.forced and not freed:
+            return [counted, self.gen, now], msgs
         free = 1 if self.state == "half_open" and freed else -1
         return self._reply(counted, now, frm, 0, free, w), msgs
 

@@ -36,6 +36,13 @@ def _parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--redis-url", default=None,
                         help=f"Redis URL (default: $DISTBREAKER_REDIS_URL, else {DEFAULT_URL})")
+    common.add_argument("--sentinel", default=os.environ.get("DISTBREAKER_SENTINEL"),
+                        metavar="HOST:PORT[,HOST:PORT...]",
+                        help="reach the primary through these Redis Sentinels "
+                        "(with --service; --redis-url then gives only credentials and db)")
+    common.add_argument("--service", default=os.environ.get("DISTBREAKER_SENTINEL_SERVICE",
+                                                            "mymaster"),
+                        help="the Sentinel service name (default mymaster)")
     common.add_argument("--prefix", default=DEFAULT_PREFIX,
                         help=f"key prefix of the breakers (default {DEFAULT_PREFIX})")
     ap = _Parser(prog="distbreaker",
@@ -100,12 +107,39 @@ def _client(args: argparse.Namespace) -> Any:
     url = args.redis_url or os.environ.get("DISTBREAKER_REDIS_URL") or DEFAULT_URL
     try:
         validate_prefix(args.prefix)
+        if args.sentinel:
+            return _sentinel_client(args.sentinel, args.service, args.redis_url)
         return connect(url)
     except ValueError as e:
         raise _Exit(2, f"distbreaker: {e}") from None
     except redis.RedisError as e:
         raise _Exit(2, f"distbreaker: cannot reach Redis at {url}: {e} "
                        "(check --redis-url or DISTBREAKER_REDIS_URL)") from None
+
+
+def _sentinel_client(spec: str, service: str, url: str | None) -> Any:
+    from urllib.parse import urlsplit
+
+    from redis.sentinel import Sentinel
+
+    addrs = []
+    for part in spec.split(","):
+        host, _, port = part.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"--sentinel wants HOST:PORT[,HOST:PORT...], got {spec!r}")
+        addrs.append((host, int(port)))
+    kw: dict[str, Any] = {"socket_timeout": 5, "socket_connect_timeout": 3}
+    if url:
+        u = urlsplit(url)
+        if u.password:
+            kw["password"] = u.password
+        if u.username:
+            kw["username"] = u.username
+        if u.path.strip("/").isdigit():
+            kw["db"] = int(u.path.strip("/"))
+    client = Sentinel(addrs, socket_timeout=3).master_for(service, **kw)  # type: ignore[no-untyped-call]
+    client.ping()
+    return client
 
 
 def _name(name: str) -> str:

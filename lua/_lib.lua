@@ -20,9 +20,12 @@ local function num(v, d)
   return v
 end
 
+local CFG_PATTERN = '^' .. string.rep('([^,]*),', 14) .. '([^,]*)$'
+
 local function parse_cfg(s)
-  local c = {}
-  for v in string.gmatch(s, '[^,]+') do c[#c + 1] = tonumber(v) end
+  -- one match with 15 captures: cheaper than iterating, and this runs on every call
+  local c = {string.match(s, CFG_PATTERN)}
+  for i = 1, 15 do c[i] = tonumber(c[i]) end
   return {ft = c[1], rt = c[2], st = c[3], frt = c[4], minc = c[5], count = c[6] == 1,
           wn = c[7], bw = c[8], srt = c[9], homax = c[10], maxrt = c[11], mult = c[12],
           jitter = c[13], lease = c[14], ttl = c[15]}

@@ -5,7 +5,9 @@
 --            3 slow failed, 4 no outcome: only give the lease back); lease id or '';
 --            retry_after_ms from the provider (0 = none), the open period if it trips
 -- Returns: the common reply; decision = how many outcomes counted (the rest were stale:
---          older generation, override active, or no outcome).
+--          older generation, override active, or no outcome). When the breaker is still
+--          plainly CLOSED (no transition, no override, no lease returned, nothing repaired)
+--          only {counted, generation, now_ms}.
 -- An outcome of an older generation never drives a transition.
 
 local function main()
@@ -63,6 +65,9 @@ local function main()
     publish(S, 't')
   elseif freed and S.state == 'half_open' and S.forced == '' then
     publish(S, 'p')
+  end
+  if S.from == '' and NOTE == '' and S.state == 'closed' and S.forced == '' and not freed then
+    return {counted, S.gen, NOW}  -- the common case: still plainly CLOSED, nothing else to say
   end
   local free = -1
   if S.state == 'half_open' and freed then free = 1 end

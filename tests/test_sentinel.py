@@ -330,3 +330,33 @@ def _worker_main(spec: dict[str, Any]) -> int:
 
 if __name__ == "__main__":
     sys.exit(_worker_main(json.loads(sys.argv[1])))
+
+
+def test_cli_through_sentinel(topo: SentinelTopology) -> None:
+    """The operator CLI reaches the primary through the sentinels."""
+    import json
+    import subprocess
+    import sys
+
+    name = f"cli-sn-{uuid.uuid4().hex[:6]}"
+    spec = ",".join(f"{h}:{p}" for h, p in topo.sentinel_addrs)
+    master = Sentinel(topo.sentinel_addrs).master_for(topo.service)
+    b = CircuitBreaker(name, CircuitBreakerConfig(max_staleness=60), redis=master)
+    b.call(lambda: 1)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "distbreaker", *args, "--sentinel", spec,
+                               "--service", topo.service], capture_output=True,
+                              text=True, timeout=60)
+
+    p = cli("open", name)
+    assert p.returncode == 0, p.stderr
+    assert master.hget(f"distbreaker:v1:{{{name}}}", "forced") == b"open"
+    p = cli("list", "--json")
+    assert p.returncode == 0, p.stderr
+    assert {x["name"]: x["state"] for x in json.loads(p.stdout)}[name] == "open"
+    assert cli("release", name).returncode == 0
+    bad = subprocess.run([sys.executable, "-m", "distbreaker", "list", "--sentinel",
+                          "nonsense"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "HOST:PORT" in bad.stderr
+    b.close()

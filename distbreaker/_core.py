@@ -127,8 +127,9 @@ class BreakerCore:
         self._snap_at = -_INF  # when the snapshot was last confirmed (short replies too)
         self._lock = threading.Lock()
         self._counters = _Counters()
+        self._origin = secrets.token_hex(4)  # tells this object's own pushed messages
         self._base_args: list[str | int | float] = [
-            config.script_arg, config.fingerprint, self.channel, name,
+            config.script_arg, config.fingerprint, self.channel, f"{self._origin} {name}",
         ]
         # Private test clock: a time in ms that replaces Redis TIME in the scripts.
         self._now_ms: int | None = None
@@ -452,7 +453,9 @@ class BreakerCore:
 
     def _apply_push(self, p: Push, recv: float) -> None:
         eff = p.to_state
-        news = p.from_state is not p.to_state and p.generation > self._snap.generation
+        # our own transition is announced (local=True) from the script's reply instead
+        news = (p.from_state is not p.to_state and p.generation > self._snap.generation
+                and p.origin != self._origin)
         if eff is _CLOSED:
             admit_from = -_INF
         elif eff is _OPEN:

@@ -166,15 +166,19 @@ class Push:
     now_ms: int
     forced: str
     name: str
+    origin: str = ""
 
 
 def decode_push(data: Any) -> Push | None:
-    """Parse a channel message; None for anything that is not a v1 message."""
+    """Parse a channel message; None for anything that is not a v1 message. The origin (the
+    breaker object whose script published it) is absent in messages of operator tools."""
     try:
-        parts = _s(data).split(" ", 8)
-        if len(parts) != 9 or parts[0] != "v1":
+        parts = _s(data).split(" ")
+        if len(parts) == 9:
+            parts.insert(8, "")
+        if len(parts) != 10 or parts[0] != "v1":
             return None
-        _, event, frm, to, gen, until, now, forced, name = parts
+        _, event, frm, to, gen, until, now, forced, origin, name = parts
         return Push(
             event,
             CircuitState(frm),
@@ -184,6 +188,7 @@ def decode_push(data: Any) -> Push | None:
             int(now),
             "" if forced == "-" else forced,
             name,
+            origin,
         )
     except ValueError:
         return None

@@ -7,7 +7,8 @@
 --   ARGV[1]  config: ft,rt_ms,st,frt,minc,count,wn,bucket_ms,srt,homax,maxrt_ms,mult,jitter,lease_ms,ttl_ms
 --   ARGV[2]  config fingerprint (stored with the state to detect drift)
 --   ARGV[3]  pub/sub channel for transition messages
---   ARGV[4]  breaker name (only copied into messages)
+--   ARGV[4]  '<origin> <breaker name>' (only copied into messages; origin identifies the
+--            breaker object that made the call, so it can tell its own messages)
 --   ARGV[5]  a random number in [0, 1) from the client, for backoff jitter
 --   ARGV[6]  '' (use Redis TIME) or a time in ms; only the test suite sets it
 -- and returns the same reply array (see reply() below); snapshot.lua appends more fields.
@@ -164,7 +165,7 @@ local function backoff_ms(reopen)
 end
 
 local function publish(S, event)
-  -- "v1 <event> <from> <to> <generation> <open_until_ms> <now_ms> <forced|-> <name>"
+  -- "v1 <event> <from> <to> <generation> <open_until_ms> <now_ms> <forced|-> [<origin>] <name>"
   local to = effective(S.state, S.forced)
   local from = S.from
   if from == '' then from = to end

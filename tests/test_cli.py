@@ -274,3 +274,25 @@ def test_process_collector_and_listeners(redis_client: redis.Redis) -> None:
     assert 'distbreaker_process_state{breaker="pc",state="open"} 1.0' in text
     b.close()
     other.close()
+
+
+def test_a_breaker_does_not_hear_its_own_push_as_news() -> None:
+    """The origin in a pushed message lets the process that made a transition report it
+    once, as local, even when the push overtakes the script's reply."""
+    import time as _t
+
+    from distbreaker._ops import Push
+
+    b = CircuitBreaker("own", CircuitBreakerConfig(max_staleness=60))
+    events: list[Any] = []
+    b.add_listener(events.append)
+    b.refresh()
+    now = int(_t.monotonic() * 1000) + 10
+    push = Push("t", CircuitState.CLOSED, CircuitState.OPEN, 1, now + 1000, now, "", "own",
+                b._origin)
+    b._apply_push(push, _t.monotonic())
+    assert events == [] and b.get_state() is CircuitState.OPEN
+    other = Push("t", CircuitState.OPEN, CircuitState.HALF_OPEN, 2, now, now + 1, "", "own",
+                 "someone")
+    b._apply_push(other, _t.monotonic())
+    assert [(e.new_state, e.local) for e in events] == [(CircuitState.HALF_OPEN, False)]

@@ -197,7 +197,7 @@ class BreakerCore:
         self._listeners = (*self._listeners, listener)
 
     def remove_listener(self, listener: Listener) -> None:
-        self._listeners = tuple(x for x in self._listeners if x is not listener)
+        self._listeners = tuple(x for x in self._listeners if x != listener)
 
     def _emit(self, event: Any) -> None:
         for fn in self._listeners:
@@ -351,12 +351,6 @@ class BreakerCore:
         code = Code.NONE if failed is None else Code.of(failed, slow)
         ra = 0 if not retry_after or retry_after <= 0 else max(1, round(retry_after * 1000))
         return self._call("record", permit.generation, int(code), permit.lease, ra)
-
-    def _abandon(self, permit: Permit) -> ScriptCall | None:
-        """The record call that gives a probe lease back without an outcome."""
-        if not permit.lease:
-            return None
-        return self._call("record", permit.generation, int(Code.NONE), permit.lease, 0)
 
     def _after_record(self, call: ScriptCall, raw: Any) -> list[tuple[Any, ...]]:
         # outcome groups start at args[6]; the code is the second item of each

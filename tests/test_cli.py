@@ -296,3 +296,14 @@ def test_a_breaker_does_not_hear_its_own_push_as_news() -> None:
                  "someone")
     b._apply_push(other, _t.monotonic())
     assert [(e.new_state, e.local) for e in events] == [(CircuitState.HALF_OPEN, False)]
+
+
+def test_remove_listener() -> None:
+    b = CircuitBreaker("quiet", CircuitBreakerConfig(max_staleness=60))
+    events: list[Any] = []
+    b.add_listener(events.append)
+    b.force_open()
+    assert len(events) == 1
+    b.remove_listener(events.append)
+    b.release()
+    assert len(events) == 1  # removed: hears nothing more

@@ -75,3 +75,31 @@ def test_demo_rejects_bad_flags() -> None:
     p = subprocess.run([sys.executable, "-m", "distbreaker", "demo", "--workers", "0"],
                        capture_output=True, text=True, timeout=30)
     assert p.returncode == 2 and "--workers" in p.stderr
+
+
+@pytest.mark.multiprocess
+def test_ctrl_c_stops_everything_the_demo_started(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    p = subprocess.Popen([sys.executable, "-m", "distbreaker", "demo", "--duration", "30"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 30
+        kids: list[str] = []
+        while len(kids) < 5:  # 4 workers and the private redis-server
+            assert time.monotonic() < deadline, "the demo did not start its processes"
+            time.sleep(0.2)
+            kids = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True,
+                                  text=True).stdout.split()
+        time.sleep(1.0)
+        p.send_signal(signal.SIGINT)
+        p.wait(30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130
+    assert "Traceback" not in (p.stderr.read() if p.stderr else "")
+    time.sleep(0.5)
+    assert [k for k in kids if os.path.exists(f"/proc/{k}")] == []

@@ -15,7 +15,7 @@ from typing import Any
 
 from ._config import CircuitBreakerConfig
 from ._keys import SCHEMA, BreakerKeys, channel_for
-from ._ops import ScriptCall, decode_reply
+from ._ops import build_call, decode_reply
 from .stores.redis import RedisStore
 
 __all__ = ["BreakerView", "as_dicts", "breaker_names", "connect", "list_breakers", "operate",
@@ -229,14 +229,11 @@ def list_breakers(client: Any, prefix: str) -> list[BreakerView]:
 
 def operate(client: Any, prefix: str, name: str, op: str, mode: str = "") -> Any:
     """Run force.lua (op "force", mode open/closed/'') or reset.lua as an operator."""
-    keys = BreakerKeys.for_name(name, prefix)
-    args: list[str | int | float] = [_CLI_CONFIG.script_arg, "", channel_for(prefix), name,
-                                     0.5, ""]
-    if op == "force":
-        args.append(mode)
-    elif op != "reset":
+    if op not in ("force", "reset"):
         raise ValueError(f"unknown operation {op!r}")
-    return decode_reply(RedisStore(client).run(ScriptCall(op, keys.all, args)))
+    call = build_call(op, BreakerKeys.for_name(name, prefix), _CLI_CONFIG, channel_for(prefix),
+                      extra=[mode] if op == "force" else [], fingerprint="")
+    return decode_reply(RedisStore(client).run(call))
 
 
 def as_dicts(views: list[BreakerView]) -> list[dict[str, Any]]:

@@ -24,7 +24,7 @@ from ._errors import CircuitOpenError, StoreUnavailableError
 from ._failsafe import StoreGuard, guard_for
 from ._keys import DEFAULT_PREFIX, BreakerKeys, channel_for, validate_name, validate_prefix
 from ._model import BreakerModel
-from ._ops import Code, Push, Reply, ScriptCall, decode_reply
+from ._ops import Code, Push, Reply, ScriptCall, argv_prefix, decode_reply
 from ._sync import Hub, hub_for
 from .events import Listener, RejectionEvent, StoreEvent, TransitionEvent
 from .metrics import CircuitBreakerMetrics, FleetWindow, _Counters
@@ -128,9 +128,8 @@ class BreakerCore:
         self._lock = threading.Lock()
         self._counters = _Counters()
         self._origin = secrets.token_hex(4)  # tells this object's own pushed messages
-        self._base_args: list[str | int | float] = [
-            config.script_arg, config.fingerprint, self.channel, f"{self._origin} {name}",
-        ]
+        self._base_args = argv_prefix(config.script_arg, config.fingerprint, self.channel,
+                                      f"{self._origin} {name}")
         # Private test clock: a time in ms that replaces Redis TIME in the scripts.
         self._now_ms: int | None = None
         # Redis as a failing dependency: the guard shared by the client's breakers, and the

@@ -17,7 +17,6 @@ from ._keys import BreakerKeys
 
 __all__ = [
     "Code",
-    "Outcome",
     "Push",
     "Reply",
     "ScriptCall",
@@ -42,19 +41,6 @@ class Code(enum.IntEnum):
 
 
 @dataclass(frozen=True)
-class Outcome:
-    """One finished call as record.lua receives it."""
-
-    generation: int
-    code: Code
-    lease: str = ""
-    retry_after_ms: int = 0
-
-    def argv(self) -> tuple[int, int, str, int]:
-        return (self.generation, int(self.code), self.lease, self.retry_after_ms)
-
-
-@dataclass(frozen=True)
 class ScriptCall:
     """Everything a store needs to run one script: operation, KEYS and ARGV."""
 
@@ -63,10 +49,11 @@ class ScriptCall:
     args: list[str | int | float]
 
 
-def base_args(
-    cfg: CircuitBreakerConfig, name: str, channel: str, rnd: float, now_ms: int | None
-) -> list[str | int | float]:
-    return [cfg.script_arg, cfg.fingerprint, channel, name, rnd, "" if now_ms is None else now_ms]
+def argv_prefix(script_arg: str, fingerprint: str, channel: str,
+                sender: str) -> list[str | int | float]:
+    """ARGV[1..4] of every script (see lua/_lib.lua); ARGV[5] (random) and ARGV[6] (test
+    clock) follow per call. `sender` is '<origin> <name>', or just the name."""
+    return [script_arg, fingerprint, channel, sender]
 
 
 def build_call(
@@ -78,9 +65,13 @@ def build_call(
     rnd: float = 0.5,
     now_ms: int | None = None,
     extra: Sequence[str | int | float] = (),
+    fingerprint: str | None = None,
 ) -> ScriptCall:
-    args = base_args(cfg, keys.name, channel, rnd, now_ms)
-    args.extend(extra)
+    """A script call made without a breaker object (tests, the CLI). An empty
+    `fingerprint` keeps the one stored in Redis."""
+    fp = cfg.fingerprint if fingerprint is None else fingerprint
+    args = argv_prefix(cfg.script_arg, fp, channel, keys.name)
+    args += [rnd, "" if now_ms is None else now_ms, *extra]
     return ScriptCall(op, keys.all, args)
 
 

@@ -170,17 +170,20 @@ class CircuitBreaker(BreakerCore, CircuitBreakerInterface[Any]):
             raise
         self._done(permit, None, None)
 
-    def _run(self, call: ScriptCall) -> Any:
+    def _run(self, call: ScriptCall, operator: bool = False) -> Any:
         """Run a script call; when Redis fails, the fallback answers (no exception, no
-        wait beyond `redis_timeout`)."""
+        wait beyond `redis_timeout`). An operator action (force, release, reset) must reach
+        Redis: it always tries, and raises StoreUnavailableError instead of falling back."""
         g = self._guard
         if g is None:
             return self._store.run(call)
-        if g.allow():
+        if operator or g.allow():
             try:
                 raw = self._store.run(call)
             except STORE_ERRORS as e:
                 g.failure(e)
+                if operator:
+                    raise StoreUnavailableError(self.name, self.get_state(), None) from e
             else:
                 g.success()
                 return raw
@@ -261,20 +264,8 @@ class CircuitBreaker(BreakerCore, CircuitBreakerInterface[Any]):
         return self._metrics(self._after_snapshot(self._run(self._call("snapshot"))))
 
     def _run_op(self, op: str, *extra: str) -> None:
-        """An operator action (force, release, reset) must reach Redis: while Redis is
-        unavailable it raises StoreUnavailableError instead of changing only this process."""
         call = self._call(op, *extra)
-        g = self._guard
-        if g is None:
-            raw = self._store.run(call)
-        else:
-            try:
-                raw = self._store.run(call)
-            except STORE_ERRORS as e:
-                g.failure(e)
-                raise StoreUnavailableError(self.name, self.get_state(), None) from e
-            g.success()
-        self._fire(self._after_record(call, raw))
+        self._fire(self._after_record(call, self._run(call, operator=True)))
 
     def reset(self) -> None:
         """Fleet-wide: back to CLOSED, counters and override cleared; and this process's
@@ -388,15 +379,18 @@ class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
             raise
         await self._done(permit, None, None)
 
-    async def _run(self, call: ScriptCall) -> Any:
+    async def _run(self, call: ScriptCall, operator: bool = False) -> Any:
+        """See `CircuitBreaker._run`."""
         g = self._guard
         if g is None:
             return await self._store.run(call)
-        if g.allow():
+        if operator or g.allow():
             try:
                 raw = await self._store.run(call)
             except STORE_ERRORS as e:
                 g.failure(e)
+                if operator:
+                    raise StoreUnavailableError(self.name, self.get_state(), None) from e
             else:
                 g.success()
                 return raw
@@ -468,20 +462,9 @@ class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
         return self._metrics(self._after_snapshot(await self._run(self._call("snapshot"))))
 
     async def _run_op(self, op: str, *extra: str) -> None:
-        """See `CircuitBreaker._run_op`: raises StoreUnavailableError while Redis is down."""
         self._hub_running()
         call = self._call(op, *extra)
-        g = self._guard
-        if g is None:
-            raw = await self._store.run(call)
-        else:
-            try:
-                raw = await self._store.run(call)
-            except STORE_ERRORS as e:
-                g.failure(e)
-                raise StoreUnavailableError(self.name, self.get_state(), None) from e
-            g.success()
-        self._fire(self._after_record(call, raw))
+        self._fire(self._after_record(call, await self._run(call, operator=True)))
 
     async def reset(self) -> None:
         await self._run_op("reset")

@@ -70,9 +70,6 @@ class MemoryStore:
             if callback in subs:
                 subs.remove(callback)
 
-    def names(self) -> list[str]:
-        with self._lock:
-            return sorted(self._models)
 
 
 class AsyncMemoryStore:

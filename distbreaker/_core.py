@@ -227,6 +227,26 @@ class BreakerCore:
 
     # -- when Redis fails ----------------------------------------------------------------
 
+    def _may_try_store(self, operator: bool) -> bool:
+        """Go to the store? Not while the guard is open, except for an operator action,
+        which must reach Redis or fail; the in-process store has no guard."""
+        g = self._guard
+        return g is None or operator or g.allow()
+
+    def _store_answered(self, raw: Any) -> Any:
+        if self._guard is not None:
+            self._guard.success()
+        return raw
+
+    def _store_failed(self, call: ScriptCall, exc: BaseException, operator: bool) -> Any:
+        """Redis failed: report it to the guard; an operator action raises, a caller's
+        call gets the fallback's answer."""
+        if self._guard is not None:
+            self._guard.failure(exc)
+        if operator:
+            raise StoreUnavailableError(self.name, self.get_state(), None) from exc
+        return self._fallback_run(call)
+
     def _fallback_run(self, call: ScriptCall) -> Any:
         """Run a script call on the in-process fallback, seeded on first use from the last
         snapshot: the real state for policy "local", an override for "allow" / "deny"."""

@@ -17,7 +17,7 @@ from typing import Any, Generic, ParamSpec, TypeVar
 
 from ._config import CircuitBreakerConfig, CircuitState
 from ._core import BreakerCore, Permit, StateChangeHook
-from ._errors import CircuitOpenError, StoreUnavailableError
+from ._errors import CircuitOpenError
 from ._failsafe import STORE_ERRORS, share_client, unshare_client
 from ._keys import DEFAULT_PREFIX
 from ._ops import ScriptCall
@@ -174,20 +174,13 @@ class CircuitBreaker(BreakerCore, CircuitBreakerInterface[Any]):
         """Run a script call; when Redis fails, the fallback answers (no exception, no
         wait beyond `redis_timeout`). An operator action (force, release, reset) must reach
         Redis: it always tries, and raises StoreUnavailableError instead of falling back."""
-        g = self._guard
-        if g is None:
-            return self._store.run(call)
-        if operator or g.allow():
-            try:
-                raw = self._store.run(call)
-            except STORE_ERRORS as e:
-                g.failure(e)
-                if operator:
-                    raise StoreUnavailableError(self.name, self.get_state(), None) from e
-            else:
-                g.success()
-                return raw
-        return self._fallback_run(call)
+        if not self._may_try_store(operator):
+            return self._fallback_run(call)
+        try:
+            raw = self._store.run(call)
+        except STORE_ERRORS as e:
+            return self._store_failed(call, e, operator)
+        return self._store_answered(raw)
 
     def _admit(self) -> Permit:
         permit = self._fast_admit()
@@ -381,20 +374,13 @@ class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
 
     async def _run(self, call: ScriptCall, operator: bool = False) -> Any:
         """See `CircuitBreaker._run`."""
-        g = self._guard
-        if g is None:
-            return await self._store.run(call)
-        if operator or g.allow():
-            try:
-                raw = await self._store.run(call)
-            except STORE_ERRORS as e:
-                g.failure(e)
-                if operator:
-                    raise StoreUnavailableError(self.name, self.get_state(), None) from e
-            else:
-                g.success()
-                return raw
-        return self._fallback_run(call)
+        if not self._may_try_store(operator):
+            return self._fallback_run(call)
+        try:
+            raw = await self._store.run(call)
+        except STORE_ERRORS as e:
+            return self._store_failed(call, e, operator)
+        return self._store_answered(raw)
 
     async def _admit(self) -> Permit:
         self._hub_running()

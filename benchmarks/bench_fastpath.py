@@ -361,7 +361,7 @@ def _ladder_args(b: Any) -> tuple[Any, list[Any], list[Any]]:
     """The breaker's store and the KEYS/ARGV of a real record call (a success under the
     current generation): the same bytes `breaker.call` sends. Uses private API; the ladder
     is a diagnostic and is skipped if the internals change."""
-    call = b._call("record", b.snapshot.generation, 0, "", 0)
+    call = b._call("record", "", b.snapshot.generation, 0, "", 0)
     return b._store, list(call.keys), list(call.args)
 
 
@@ -384,7 +384,7 @@ def bench_sync_calls(port: int, stats: CmdStats, sha_trivial: str, sha_reply14: 
         subjects["evalsha_args"] = lambda: client.evalsha(sha_trivial, len(keys), *keys, *args)
         subjects["evalsha_reply14"] = lambda: client.evalsha(sha_reply14, len(keys), *keys,
                                                              *args)
-        subjects["record_script"] = lambda: store.run(b._call("record", gen, 0, "", 0))
+        subjects["record_script"] = lambda: store.run(b._call("record", "", gen, 0, "", 0))
     except Exception as e:  # pragma: no cover - internals changed
         print(f"note: cost ladder skipped ({e!r})", file=sys.stderr)
     samples: dict[str, list[float]] = {k: [] for k in subjects}
@@ -437,7 +437,7 @@ async def _bench_async_calls(port: int, stats: CmdStats, sha_trivial: str, sha_r
                                                               *args)
             subjects["evalsha_reply14"] = lambda: client.evalsha(sha_reply14, len(keys), *keys,
                                                                  *args)
-            subjects["record_script"] = lambda: store.run(b._call("record", gen, 0, "", 0))
+            subjects["record_script"] = lambda: store.run(b._call("record", "", gen, 0, "", 0))
         except Exception as e:  # pragma: no cover - internals changed
             print(f"note: cost ladder skipped ({e!r})", file=sys.stderr)
         samples = {k: [] for k in subjects}

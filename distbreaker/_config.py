@@ -93,7 +93,8 @@ class CircuitBreakerConfig:
     record_exceptions: tuple[type[BaseException], ...] = (Exception,)
     ignore_exceptions: tuple[type[BaseException], ...] = ()
     is_failure_result: Callable[[Any], bool] | None = field(default=None, compare=False)
-    consistency: Literal["strict"] = "strict"
+    consistency: Literal["strict", "batched"] = "strict"
+    max_batch: int = 256
     redis_timeout: float = 0.05
     on_redis_error: Literal["local", "allow", "deny"] = "local"
 
@@ -163,8 +164,11 @@ class CircuitBreakerConfig:
             raise ValueError(
                 f"on_redis_error must be 'local', 'allow' or 'deny', got {self.on_redis_error!r}"
             )
-        if self.consistency != "strict":
-            raise ValueError(f"consistency must be 'strict', got {self.consistency!r}")
+        if self.consistency not in ("strict", "batched"):
+            raise ValueError(
+                f"consistency must be 'strict' or 'batched', got {self.consistency!r}"
+            )
+        _check_int("max_batch", self.max_batch, 1, 10_000)
         arg = self._encode()
         object.__setattr__(self, "_script_arg", arg)
         object.__setattr__(self, "_fingerprint", hashlib.sha1(arg.encode()).hexdigest()[:12])

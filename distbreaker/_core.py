@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from ._batch import OutcomeBatch
 from ._config import CircuitBreakerConfig, CircuitState
 from ._errors import CircuitOpenError, StoreUnavailableError
 from ._failsafe import StoreGuard, guard_for
@@ -142,6 +143,9 @@ class BreakerCore:
         self._announced_gen = -1  # listeners hear of each generation once per process
         self._drift_warned = False
         self.config_drift = False  # the fingerprint in Redis is another config's
+        # Batched mode: outcomes wait here for the writer, which the shell wakes.
+        self._batch = OutcomeBatch(config) if config.consistency == "batched" else None
+        self._held_gen = -1  # the projection tripped at this generation: admit nothing
         _LIVE.add(self)
 
     # -- fast path (no I/O) ---------------------------------------------------------------
@@ -175,6 +179,8 @@ class BreakerCore:
 
     def _reject(self, state: CircuitState, forced: str, now: float) -> NoReturn:
         retry = None if forced == "open" else max(self._admit_from - now, 0.0)
+        if retry == _INF:  # held by batched mode's projection: the open period to come
+            retry = self.config.recovery_timeout
         self._raise_rejected(state, retry)
 
     def _raise_rejected(self, state: CircuitState, retry: float | None) -> NoReturn:
@@ -369,12 +375,90 @@ class BreakerCore:
             return None
         code = Code.NONE if failed is None else Code.of(failed, slow)
         ra = 0 if not retry_after or retry_after <= 0 else max(1, round(retry_after * 1000))
-        return self._call("record", permit.generation, int(code), permit.lease, ra)
+        b = self._batch
+        if b is not None and not permit.lease:  # a probe's outcome is always sent at once
+            wake, trips = b.add(permit.generation, int(code), ra)
+            if trips:
+                self._hold(permit.generation)
+            if wake:
+                self._wake()
+            return None
+        return self._call("record", "", permit.generation, int(code), permit.lease, ra)
+
+    # -- batched mode -----------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        """Tell the writer this breaker has outcomes pending; the shell provides it."""
+        raise NotImplementedError
+
+    def _hold(self, gen: int) -> None:
+        """The projection trips: admit nothing at `gen` until a reply says otherwise."""
+        with self._lock:
+            s = self._snap
+            if s.generation != gen or not s.closed:
+                return
+            self._held_gen = gen
+            self._snap = LocalSnapshot(_OPEN, "", gen, s.server_ms, s.at, False)
+            self._admit_from = _INF
+            self._seq += 1
+
+    def _batch_take(self) -> ScriptCall | None:
+        """The next record call of pending outcomes (None: none, or one is in flight)."""
+        b = self._batch
+        out = b.take(self.config.max_batch) if b is not None else None
+        if not out:
+            return None
+        args: list[str | int | float] = ["c"]
+        for gen, code, ra in out:
+            args += (gen, code, "", ra)
+        return self._call("record", *args)
+
+    def _batch_done(self, call: ScriptCall, raw: Any) -> tuple[bool, list[tuple[Any, ...]]]:
+        """Apply the writer's reply; returns (more is pending, events to fire)."""
+        assert self._batch is not None
+        if len(raw) == 3 or len(raw) == 7:
+            gen = int(raw[1])
+            counts = (int(raw[3]), int(raw[4]), int(raw[5]), int(raw[6])) if len(raw) == 7 \
+                else None
+        else:
+            r = decode_reply(raw)  # raises on garbage before anything is marked applied
+            gen = r.generation
+            counts = (r.calls, r.failures, r.slow, r.consecutive_failures)
+        b = self._batch
+        more, _, waiters = b.done(gen, counts)
+        with self._lock:  # a caller's _hold may have raced in since: b.tripped has it
+            self._held_gen = gen if b.tripped else -1
+        self._counters.add("batches")
+        events = self._after_record(call, raw)
+        for notify in waiters:
+            notify()
+        return more, events
+
+    def _batch_lost(self, call: ScriptCall) -> bool:
+        """The writer's call failed in a way the fallback could not absorb, or was
+        interrupted: its outcomes are dropped (never sent twice). Returns more pending."""
+        assert self._batch is not None
+        lost = (len(call.args) - 7) // 4
+        self._counters.add("lost", lost)
+        b = self._batch
+        more, _, waiters = b.done(b.gen, None)
+        with self._lock:
+            held, self._held_gen = self._held_gen, (b.gen if b.tripped else -1)
+            s = self._snap
+            if (held >= 0 and self._held_gen < 0 and s.generation == held and not s.closed
+                    and not s.forced):
+                # lift our own hold: back to the CLOSED snapshot it covered
+                self._snap = LocalSnapshot(_CLOSED, "", held, s.server_ms, s.at, True)
+                self._admit_from = -_INF
+                self._seq += 1
+        for notify in waiters:
+            notify()
+        return more
 
     def _after_record(self, call: ScriptCall, raw: Any) -> list[tuple[Any, ...]]:
-        # outcome groups start at args[6]; the code is the second item of each
-        sent = sum(1 for i in range(7, len(call.args), 4) if call.args[i] != _NONE)
-        if len(raw) == 3:  # short reply: still plainly CLOSED at this generation
+        # outcome groups start at args[7]; the code is the second item of each
+        sent = sum(1 for i in range(8, len(call.args), 4) if call.args[i] != _NONE)
+        if len(raw) == 3 or len(raw) == 7:  # short reply: still plainly CLOSED
             counted, gen, now_ms = int(raw[0]), int(raw[1]), int(raw[2])
             if sent > counted:
                 self._counters.add("stale", sent - counted)
@@ -414,6 +498,9 @@ class BreakerCore:
             admit_from = -_INF
         snap = LocalSnapshot(eff, r.forced, r.generation, r.now_ms, recv, eff is _CLOSED)
         self._install(snap, admit_from, seq)
+        b = self._batch
+        if b is not None and r.generation > b.gen:
+            b.adopt(r.generation, (r.calls, r.failures, r.slow, r.consecutive_failures))
         if r.note:
             log.warning("repaired breaker state in Redis: %s", r.note,
                         extra={"breaker": self.name, "event": "distbreaker.repaired"})
@@ -456,6 +543,11 @@ class BreakerCore:
         self._lock = threading.Lock()
         self._counters._lock = threading.Lock()
         self._local = None
+        if self._batch is not None:
+            self._batch.reset()  # the parent sends its own pending outcomes
+        if self._held_gen >= 0:  # the parent's projection: not this child's
+            self._snap, self._admit_from = _UNKNOWN, -_INF
+        self._held_gen = -1
         with self._lock:
             self._snap = LocalSnapshot(self._snap.state, self._snap.forced,
                                        self._snap.generation, self._snap.server_ms, -_INF,
@@ -480,6 +572,9 @@ class BreakerCore:
             LocalSnapshot(eff, p.forced, p.generation, p.now_ms, recv, eff is _CLOSED),
             admit_from,
         )
+        b = self._batch
+        if b is not None and p.generation > b.gen:
+            b.adopt(p.generation, None)
         if news:
             self._announce(p.generation, p.from_state, p.to_state, p.forced, local=False)
 
@@ -497,6 +592,11 @@ class BreakerCore:
                 and snap.at - cur.at < self.config.max_staleness
             ):
                 return
+            if snap.closed and snap.generation == self._held_gen:
+                # batched mode's projection still trips: keep holding
+                snap = LocalSnapshot(_OPEN, "", snap.generation, snap.server_ms, snap.at,
+                                     False)
+                admit_from = _INF
             self._snap = snap
             self._snap_at = snap.at
             self._admit_from = admit_from
@@ -525,6 +625,7 @@ class BreakerCore:
             self._announce(gen, old, new, forced, local=True)
 
     def _metrics(self, fleet_reply: Reply | None) -> CircuitBreakerMetrics:
+        pending = self._batch.outstanding() if self._batch is not None else 0
         fleet = None
         if fleet_reply is not None:
             x = fleet_reply.extra
@@ -536,7 +637,7 @@ class BreakerCore:
                 config_fingerprint=str(x[4]),
             )
         return self._counters.view(self.name, self._snap.state.value, fleet,
-                                   self.store_degraded)
+                                   self.store_degraded, pending)
 
 
 _LIVE: weakref.WeakSet[BreakerCore] = weakref.WeakSet()

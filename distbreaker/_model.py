@@ -213,7 +213,7 @@ class BreakerModel:
 
     def record(
         self, cfg: ModelConfig, fp: str, name: str, rnd: float, now: int,
-        outcomes: list[tuple[int, int, str, int]],
+        outcomes: list[tuple[int, int, str, int]], counts: bool = False,
     ) -> tuple[list[Any], list[str]]:
         counted = 0
         freed = False
@@ -266,7 +266,10 @@ class BreakerModel:
         elif freed and self.state == "half_open" and not self.forced:
             msgs.append(self._msg("p", "", now, name))
         if not frm and self.state == "closed" and not self.forced and not freed:
-            return [counted, self.gen, now], msgs
+            if not counts:
+                return [counted, self.gen, now], msgs
+            c, f, s = w if w is not None else self._window_view(cfg, now)
+            return [counted, self.gen, now, c, f, s, self.cf], msgs
         free = 1 if self.state == "half_open" and freed else -1
         return self._reply(counted, now, frm, 0, free, w), msgs
 

@@ -224,6 +224,7 @@ class AsyncHub(Hub):
                         ps = self._client.pubsub()
                         await ps.subscribe(self.channel)
                     msg = await ps.get_message(timeout=self._tick(members))
+                    _raise_if_cancelling()
                     if msg is not None:
                         if msg["type"] == "subscribe":
                             outage.ok()
@@ -245,6 +246,15 @@ class AsyncHub(Hub):
                 del members
         finally:
             await _aclose_quietly(ps)
+
+
+def _raise_if_cancelling() -> None:
+    """redis-py's get_message(timeout=...) can swallow a cancellation that lands while its
+    own timeout fires; without this check, asyncio.run() could wait forever at exit."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)  # Python 3.11+
+    if cancelling is not None and cancelling():
+        raise asyncio.CancelledError
 
 
 def _close_quietly(ps: Any) -> None:

@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import atexit
 import contextlib
 import functools
 import inspect
+import logging
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Generic, ParamSpec, TypeVar
 
+from ._batch import thread_writer
 from ._config import CircuitBreakerConfig, CircuitState
-from ._core import BreakerCore, Permit, StateChangeHook
+from ._core import _LIVE, BreakerCore, Permit, StateChangeHook
 from ._errors import CircuitOpenError
 from ._failsafe import STORE_ERRORS, share_client, unshare_client
 from ._keys import DEFAULT_PREFIX
@@ -31,6 +36,11 @@ __all__ = [
     "CircuitBreaker",
     "CircuitBreakerInterface",
 ]
+
+log = logging.getLogger("distbreaker")
+
+#: How long close() and interpreter exit wait for pending outcomes (batched mode).
+CLOSE_FLUSH_TIMEOUT_S = 5.0
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -241,6 +251,58 @@ class CircuitBreaker(BreakerCore, CircuitBreakerInterface[Any]):
         loop = asyncio.get_running_loop()
         await asyncio.shield(loop.run_in_executor(None, self._done, permit, exc, result))
 
+    # -- batched mode ----------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        thread_writer().wake(self)
+
+    def _flush_once(self) -> bool:
+        """Send one batch of pending outcomes, if none is in flight; returns whether more
+        are pending. Runs in the writer thread (or inline, see `flush`)."""
+        call = self._batch_take()
+        if call is None:
+            return False
+        try:
+            more, events = self._batch_done(call, self._run(call))
+        except Exception:
+            log.exception("distbreaker: a batch of outcomes was lost",
+                          extra={"breaker": self.name, "event": "distbreaker.batch_lost"})
+            return self._batch_lost(call)
+        self._fire(events)
+        return more
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every outcome recorded so far is applied in Redis (batched mode;
+        in strict mode there is never anything to wait for). Returns False on timeout."""
+        b = self._batch
+        if b is None or b.outstanding() == 0:
+            return True
+        w = thread_writer().thread
+        if w is None or not w.is_alive() or w is threading.current_thread():
+            return self._drain_inline(timeout)
+        done = threading.Event()
+        if not b.wait(done.set):
+            return True
+        return done.wait(timeout)
+
+    def _drain_inline(self, timeout: float | None) -> bool:
+        """Send pending outcomes from this thread (no writer: interpreter exit, a forked
+        child, or the writer itself asking)."""
+        b = self._batch
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b is not None and b.outstanding() > 0:
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            if not self._flush_once() and b.outstanding() > 0:
+                time.sleep(0.001)  # a call is in flight from the writer thread
+        return True
+
+    async def aflush(self, timeout: float | None = None) -> bool:
+        """`flush` from asyncio code (the wait runs in the loop's executor)."""
+        if self._batch is None or self._batch.outstanding() == 0:
+            return True
+        return await asyncio.get_running_loop().run_in_executor(None, self.flush, timeout)
+
     # -- state and operator actions --------------------------------------------------------
 
     def _refresh(self, background: bool = False) -> None:
@@ -279,8 +341,12 @@ class CircuitBreaker(BreakerCore, CircuitBreakerInterface[Any]):
         self._run_op("force", "")
 
     def close(self) -> None:
-        """Stop listening for this breaker and release its connections (the shared state
-        in Redis stays). Idempotent."""
+        """Send pending outcomes (batched mode), stop listening for this breaker and
+        release its connections (the shared state in Redis stays). Idempotent."""
+        if self._attached is not None and not self.flush(CLOSE_FLUSH_TIMEOUT_S):
+            log.warning("breaker %s closed with %d outcomes not applied", self.name,
+                        self._batch.outstanding() if self._batch is not None else 0,
+                        extra={"breaker": self.name, "event": "distbreaker.batch_lost"})
         client = self._attached[2] if self._attached is not None else None
         self._detach()
         if client is not None:
@@ -328,6 +394,7 @@ class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
             self._store = AsyncRedisStore(share_client(redis, self.config.redis_timeout))
             self._attach(AsyncHub, redis, redis)
         self._background: set[asyncio.Future[Any]] = set()
+        self._drainer: asyncio.Task[None] | None = None
 
     async def call(
         self, fn: Callable[P, Awaitable[R]], *args: P.args, **kwargs: P.kwargs
@@ -434,6 +501,66 @@ class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
         if call is not None:
             self._fire(self._after_record(call, await self._run(call)))
 
+    # -- batched mode ----------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        """Start this breaker's drain task on the running loop unless one is running
+        (called from the loop's thread: no await between the check and the start)."""
+        t = self._drainer
+        if t is None or t.done():
+            self._drainer = asyncio.get_running_loop().create_task(
+                self._drain(), name=f"distbreaker-writer-{self.name}")
+
+    async def _drain(self) -> None:
+        """Send pending outcomes, one call at a time, until none are left. Cancelled (the
+        loop is shutting down), it still sends what is pending, then re-raises; the batch
+        that was in flight counts as lost rather than risk counting it twice."""
+        cancelled = False
+        while True:
+            call = self._batch_take()
+            if call is None:
+                break
+            try:
+                _, events = self._batch_done(call, await self._run(call))
+            except asyncio.CancelledError:
+                cancelled = True
+                self._batch_lost(call)
+                continue
+            except Exception:
+                log.exception("distbreaker: a batch of outcomes was lost",
+                              extra={"breaker": self.name, "event": "distbreaker.batch_lost"})
+                self._batch_lost(call)
+                continue
+            self._fire(events)
+        if cancelled:
+            raise asyncio.CancelledError
+
+    async def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every outcome recorded so far is applied in Redis (batched mode).
+        Returns False on timeout."""
+        b = self._batch
+        if b is None:
+            return True
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+
+        def settle() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        def notify() -> None:
+            loop.call_soon_threadsafe(settle)
+
+        if not b.wait(notify):
+            return True
+        if b.pending:
+            self._wake()
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
     async def _refresh(self, background: bool = False) -> None:
         seq = self._seq if background else None
         self._after_snapshot(await self._run(self._call("snapshot")), seq)
@@ -466,7 +593,12 @@ class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
         await self._run_op("force", "")
 
     async def close(self) -> None:
-        """Stop listening for this breaker and release its connections. Idempotent."""
+        """Send pending outcomes (batched mode), stop listening for this breaker and
+        release its connections. Idempotent."""
+        if self._attached is not None and not await self.flush(CLOSE_FLUSH_TIMEOUT_S):
+            log.warning("breaker %s closed with %d outcomes not applied", self.name,
+                        self._batch.outstanding() if self._batch is not None else 0,
+                        extra={"breaker": self.name, "event": "distbreaker.batch_lost"})
         client = self._attached[2] if self._attached is not None else None
         self._detach()
         if client is not None:
@@ -482,3 +614,24 @@ class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
 
     def __repr__(self) -> str:
         return f"<AsyncCircuitBreaker {self.name!r} {self.get_state().value}>"
+
+
+def _flush_at_exit() -> None:
+    """Interpreter exit: send what sync breakers still hold (batched mode). An asyncio
+    breaker's loop is gone by now; its drain task sent what it could when the loop
+    cancelled it, and anything left is reported."""
+    for b in list(_LIVE):
+        batch = b._batch
+        if batch is None or batch.outstanding() == 0:
+            continue
+        if isinstance(b, CircuitBreaker):
+            with contextlib.suppress(Exception):
+                b._drain_inline(CLOSE_FLUSH_TIMEOUT_S)
+        if batch.outstanding():
+            log.warning("breaker %s: %d outcomes not applied at exit (close() the breaker "
+                        "or flush() it before the event loop ends)", b.name,
+                        batch.outstanding(),
+                        extra={"breaker": b.name, "event": "distbreaker.batch_lost"})
+
+
+atexit.register(_flush_at_exit)

@@ -50,6 +50,11 @@ class CircuitBreakerMetrics:
     p95_latency_s: float
     fleet: FleetWindow | None = field(default=None)
     store_degraded: bool = False
+    #: batched mode: record calls the writer sent, outcomes recorded but not yet applied,
+    #: and outcomes dropped because their call failed or was interrupted
+    batches: int = 0
+    pending_outcomes: int = 0
+    lost_outcomes: int = 0
 
     @property
     def failure_rate(self) -> float:
@@ -71,8 +76,9 @@ class CircuitBreakerMetrics:
 class _Counters:
     """Thread-safe process-local counters with a bounded latency sample ring."""
 
-    __slots__ = ("_i", "_lat", "_lock", "failed", "ignored", "probes", "rejected", "slow",
-                 "stale", "state_changes", "successful", "timeouts", "total")
+    __slots__ = ("_i", "_lat", "_lock", "batches", "failed", "ignored", "lost", "probes",
+                 "rejected", "slow", "stale", "state_changes", "successful", "timeouts",
+                 "total")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -80,7 +86,7 @@ class _Counters:
         self._i = 0
         self.total = self.successful = self.failed = self.rejected = 0
         self.slow = self.timeouts = self.ignored = self.stale = self.state_changes = 0
-        self.probes = 0
+        self.probes = self.batches = self.lost = 0
 
     def reject(self) -> None:
         with self._lock:
@@ -108,7 +114,7 @@ class _Counters:
             setattr(self, attr, getattr(self, attr) + n)
 
     def view(self, name: str, state: str, fleet: FleetWindow | None,
-             store_degraded: bool = False) -> CircuitBreakerMetrics:
+             store_degraded: bool = False, pending: int = 0) -> CircuitBreakerMetrics:
         with self._lock:
             lat = sorted(self._lat)
             mean = sum(lat) / len(lat) if lat else 0.0
@@ -116,7 +122,8 @@ class _Counters:
             return CircuitBreakerMetrics(
                 name, state, self.total, self.successful, self.failed, self.rejected,
                 self.slow, self.timeouts, self.ignored, self.stale, self.state_changes,
-                self.probes, mean, p95, fleet, store_degraded,
+                self.probes, mean, p95, fleet, store_degraded, self.batches, pending,
+                self.lost,
             )
 
     def clear(self) -> None:
@@ -125,4 +132,4 @@ class _Counters:
             self._i = 0
             self.total = self.successful = self.failed = self.rejected = 0
             self.slow = self.timeouts = self.ignored = self.stale = self.state_changes = 0
-            self.probes = 0
+            self.probes = self.batches = self.lost = 0

@@ -190,6 +190,8 @@ class LuaVsModel(RuleBasedStateMachine):
     def _check_reply(self, r: list[Any]) -> None:
         if len(r) == 3:  # record.lua's short reply: still plainly CLOSED
             r = [r[0], "closed", "", r[1], 0, r[2], "", 0, -1, -1, -1, -1, 0, ""]
+        elif len(r) == 7:  # the short reply with window counts (batched mode)
+            r = [r[0], "closed", "", r[1], 0, r[2], "", 0, -1, r[3], r[4], r[5], r[6], ""]
         assert r[3] >= self.gen, f"generation went back from {self.gen} to {r[3]}: {r}"
         if r[3] != self.gen:
             self.held.clear()  # a transition clears the probes
@@ -241,9 +243,11 @@ class LuaVsModel(RuleBasedStateMachine):
     def acquire(self, rnd: float) -> None:
         self._acquire(rnd)
 
-    @rule(groups=st.lists(_OUTCOME, min_size=1, max_size=5), rnd=_RND)
-    def record(self, groups: list[tuple[int, int, int | None, int]], rnd: float) -> None:
-        extra: list[Any] = []
+    @rule(groups=st.lists(_OUTCOME, min_size=1, max_size=5), rnd=_RND,
+          mode=st.sampled_from(["", "c"]))
+    def record(self, groups: list[tuple[int, int, int | None, int]], rnd: float,
+               mode: str) -> None:
+        extra: list[Any] = [mode]
         for age, code, pick, ra in groups:
             lease = ""
             if pick is not None and self.granted:  # 0: the newest lease, likely still held
@@ -310,7 +314,7 @@ def _machine(name: str, client: redis.Redis) -> type[LuaVsModel]:
             code, ra = outcome
             if r[0] != 0 and code is not None:
                 self.held.pop(lease, None)
-                self._run("record", rnd, [r[3], code, lease if r[0] == 2 else "", ra])
+                self._run("record", rnd, ["", r[3], code, lease if r[0] == 2 else "", ra])
 
         def teardown(self) -> None:
             self.seen.update(self.states_seen)

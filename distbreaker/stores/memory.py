@@ -43,9 +43,9 @@ class MemoryStore:
             elif call.op == "record":
                 groups = [
                     (int(a[i]), int(a[i + 1]), str(a[i + 2]), int(a[i + 3]))
-                    for i in range(6, len(a), 4)
+                    for i in range(7, len(a), 4)
                 ]
-                reply, msgs = m.record(cfg, fp, name, rnd, now, groups)
+                reply, msgs = m.record(cfg, fp, name, rnd, now, groups, a[6] == "c")
             elif call.op == "snapshot":
                 reply = m.snapshot(cfg, now)
             elif call.op == "force":

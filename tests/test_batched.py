@@ -1,0 +1,493 @@
+"""Batched mode (``consistency="batched"``): outcomes go through this process's writer.
+
+Against the in-process store, fakeredis and a real redis-server: exact counts after
+`flush()`, the projection that stops admitting before the round trip, one call in flight
+per breaker, the batch cap, no timer when idle, close / interpreter exit / fork, asyncio,
+and a Redis outage. The fleet-wide bounds with 8 processes are in test_multiprocess.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import fakeredis
+import pytest
+import redis
+import redis.asyncio as aredis
+
+from distbreaker import (
+    AsyncCircuitBreaker,
+    CircuitBreaker,
+    CircuitBreakerConfig,
+    CircuitOpenError,
+    CircuitState,
+)
+from distbreaker.stores import MemoryStore
+
+from redis_server import RedisServer
+
+BATCHED = dict(consistency="batched", failure_threshold=20, minimum_calls=100_000,
+               recovery_timeout=60.0)
+
+
+class Boom(Exception):
+    pass
+
+
+def boom() -> None:
+    raise Boom
+
+
+def ok() -> str:
+    return "ok"
+
+
+def name() -> str:
+    return f"bt-{uuid.uuid4().hex[:8]}"
+
+
+def window(r: Any, n: str) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in r.hgetall(f"distbreaker:v1:{{{n}}}:window").items()}
+
+
+def state(r: Any, n: str) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in r.hgetall(f"distbreaker:v1:{{{n}}}").items()}
+
+
+@pytest.fixture(params=["redis", "fakeredis"])
+def client(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterator[Any]:
+    if request.param == "redis":
+        c: Any = redis_server.client()
+    else:
+        c = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    yield c
+    c.close()
+
+
+class Spy:
+    """Wraps a breaker's store: every record call's outcome count, how many were in
+    flight at once, and a gate that holds them."""
+
+    def __init__(self, b: CircuitBreaker) -> None:
+        self.sizes: list[int] = []
+        self.inflight = 0
+        self.max_inflight = 0
+        self.lock = threading.Lock()
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        inner = b._store.run
+
+        def run(call: Any) -> Any:
+            if call.op != "record":
+                return inner(call)
+            with self.lock:
+                self.inflight += 1
+                self.max_inflight = max(self.max_inflight, self.inflight)
+                self.sizes.append((len(call.args) - 7) // 4)
+            self.entered.set()
+            try:
+                self.gate.wait(10)
+                return inner(call)
+            finally:
+                with self.lock:
+                    self.inflight -= 1
+
+        b._store.run = run  # type: ignore[method-assign]
+
+
+# -- counting ------------------------------------------------------------------------------
+
+
+def test_every_outcome_is_applied_after_flush(client: Any) -> None:
+    n = name()
+    b = CircuitBreaker(n, CircuitBreakerConfig(**BATCHED), redis=client)
+    spy = Spy(b)
+    for _ in range(3000):
+        b.call(ok)
+    for _ in range(7):
+        with contextlib.suppress(Boom):
+            b.call(boom)
+    assert b.flush(10)
+    w = window(client, n)
+    assert (w["c"], w["f"]) == ("3007", "7"), w
+    assert state(client, n)["consecutive_failures"] == "7"
+    m = b.get_metrics()
+    assert m.pending_outcomes == 0 and m.lost_outcomes == 0
+    assert m.batches == len(spy.sizes) and sum(spy.sizes) == 3007
+    # coalesced: far fewer script calls than outcomes, never two in flight at once
+    assert len(spy.sizes) < 3007 / 3, spy.sizes
+    assert spy.max_inflight == 1
+    assert max(spy.sizes) <= b.config.max_batch
+    b.close()
+
+
+def test_memory_store_batched() -> None:
+    store = MemoryStore()
+    b = CircuitBreaker("mem", CircuitBreakerConfig(**BATCHED), redis=store)
+    for _ in range(500):
+        b.call(ok)
+    assert b.flush(10)
+    assert b.get_metrics().fleet is not None
+    assert b.get_metrics().fleet.calls == 500  # type: ignore[union-attr]
+    b.close()
+
+
+def test_first_outcome_goes_out_without_flush_or_timer(redis_client: redis.Redis) -> None:
+    n = name()
+    b = CircuitBreaker(n, CircuitBreakerConfig(**BATCHED), redis=redis_client)
+    b.call(ok)
+    deadline = time.monotonic() + 5
+    while window(redis_client, n).get("c") != "1" and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert window(redis_client, n).get("c") == "1"  # the writer sent it on its own
+    assert b.get_metrics().batches == 1
+    b.close()
+
+
+def test_batch_cap_and_one_call_in_flight(redis_client: redis.Redis) -> None:
+    n = name()
+    b = CircuitBreaker(n, CircuitBreakerConfig(**{**BATCHED, "max_batch": 10}),
+                       redis=redis_client)
+    spy = Spy(b)
+    spy.gate.clear()  # hold the first call in flight: everything else piles up
+    b.call(ok)
+    assert spy.entered.wait(10)
+    for _ in range(94):
+        b.call(ok)
+    assert spy.max_inflight == 1 and spy.sizes == [1]
+    assert b.get_metrics().pending_outcomes == 95
+    spy.gate.set()
+    assert b.flush(10)
+    assert spy.sizes[0] == 1 and all(s == 10 for s in spy.sizes[1:-1]), spy.sizes
+    assert sum(spy.sizes) == 95 and spy.max_inflight == 1
+    assert window(redis_client, n)["c"] == "95"
+    b.close()
+
+
+def test_flush_timeout_and_strict_flush() -> None:
+    strict = CircuitBreaker("strict", CircuitBreakerConfig())
+    assert strict.flush() is True  # nothing is ever pending in strict mode
+    store = MemoryStore()
+    b = CircuitBreaker("t", CircuitBreakerConfig(**BATCHED), redis=store)
+    spy = Spy(b)
+    spy.gate.clear()
+    b.call(ok)
+    b.call(ok)
+    assert b.flush(0.05) is False
+    spy.gate.set()
+    assert b.flush(10) is True
+    b.close()
+
+
+# -- projection --------------------------------------------------------------------------
+
+
+def test_projection_stops_admitting_before_the_reply(redis_client: redis.Redis) -> None:
+    """The writer is held: no reply comes back, yet the 20th failure stops admission."""
+    n = name()
+    changes: list[tuple[str, str]] = []
+    b = CircuitBreaker(n, CircuitBreakerConfig(**BATCHED), redis=redis_client,
+                       on_state_change=lambda _n, o, w: changes.append((o.value, w.value)))
+    b.call(ok)
+    assert b.flush(10)
+    spy = Spy(b)
+    spy.gate.clear()
+    executed = 0
+
+    def failing() -> None:
+        nonlocal executed
+        executed += 1
+        raise Boom
+
+    rejected = None
+    for _ in range(50):
+        try:
+            b.call(failing)
+        except Boom:
+            pass
+        except CircuitOpenError as e:
+            rejected = e
+            break
+    assert executed == 20
+    assert rejected is not None and rejected.retry_after == 60.0
+    assert not b.is_available()
+    assert state(redis_client, n)["state"] == "closed"  # the fleet does not know yet
+    spy.gate.set()
+    assert b.flush(10)
+    assert state(redis_client, n)["state"] == "open"
+    assert b.get_state() is CircuitState.OPEN
+    assert changes == [("closed", "open")]
+    b.close()
+
+
+def test_projection_counts_the_shared_window(redis_client: redis.Redis) -> None:
+    """Failures another process applied count toward this one's projection."""
+    n = name()
+    cfg = CircuitBreakerConfig(**BATCHED)
+    other = CircuitBreaker(n, CircuitBreakerConfig(failure_threshold=20,
+                                                   minimum_calls=100_000,
+                                                   recovery_timeout=60.0),
+                           redis=redis_client)
+    for _ in range(15):
+        with contextlib.suppress(Boom):
+            other.call(boom)
+    b = CircuitBreaker(n, cfg, redis=redis_client)  # reads cf=15 from Redis
+    spy = Spy(b)
+    spy.gate.clear()
+    executed = 0
+    for _ in range(20):
+        try:
+            b.call(boom)
+            executed += 1
+        except Boom:
+            executed += 1
+        except CircuitOpenError:
+            break
+    assert executed == 5
+    spy.gate.set()
+    assert b.flush(10) and b.get_state() is CircuitState.OPEN
+    other.close()
+    b.close()
+
+
+def test_a_false_projection_is_lifted_by_the_reply(redis_client: redis.Redis) -> None:
+    """Another process's success reset the consecutive count: the reply lifts the hold."""
+    n = name()
+    b = CircuitBreaker(n, CircuitBreakerConfig(**{**BATCHED, "failure_threshold": 3}),
+                       redis=redis_client)
+    other = CircuitBreaker(n, CircuitBreakerConfig(failure_threshold=3,
+                                                   minimum_calls=100_000,
+                                                   recovery_timeout=60.0),
+                           redis=redis_client)
+    with contextlib.suppress(Boom):
+        b.call(boom)
+    assert b.flush(10)  # Redis: cf 1
+    spy = Spy(b)
+    spy.gate.clear()  # the next two are held back
+    for _ in range(2):
+        with contextlib.suppress(Boom):
+            b.call(boom)
+    assert not b.is_available()  # projected: 1 + 2 = 3
+    # meanwhile the fleet saw a success between them
+    other.call(ok)
+    spy.gate.set()
+    assert b.flush(10)
+    # Redis counted: fail (cf 1), [other's ok], fail, fail -> cf 2: still closed
+    assert state(redis_client, n)["state"] == "closed"
+    assert b.is_available() and b.get_state() is CircuitState.CLOSED
+    b.call(ok)
+    other.close()
+    b.close()
+
+
+def test_probe_outcomes_are_sent_at_once(redis_client: redis.Redis) -> None:
+    n = name()
+    b = CircuitBreaker(n, CircuitBreakerConfig(**{**BATCHED, "failure_threshold": 2,
+                                                  "recovery_timeout": 1.0}),
+                       redis=redis_client)
+    b._now_ms = 1_000_000
+    for _ in range(2):
+        with contextlib.suppress(Boom, CircuitOpenError):
+            b.call(boom)
+    assert b.flush(10) and state(redis_client, n)["state"] == "open"
+    b._now_ms += 1_500
+    b._forget()
+    spy = Spy(b)
+    spy.gate.clear()
+    threading.Timer(0.2, spy.gate.set).start()
+    b.call(ok)  # the probe: its outcome is recorded before call() returns
+    assert state(redis_client, n)["half_open_successes"] == "1"
+    assert b.get_metrics().batches == 1  # only the two failures went through the writer
+    b.close()
+
+
+# -- close, exit, fork --------------------------------------------------------------------
+
+
+def test_close_flushes(redis_client: redis.Redis) -> None:
+    n = name()
+    b = CircuitBreaker(n, CircuitBreakerConfig(**BATCHED), redis=redis_client)
+    spy = Spy(b)
+    spy.gate.clear()
+    for _ in range(40):
+        b.call(ok)
+    threading.Timer(0.2, spy.gate.set).start()
+    b.close()
+    assert window(redis_client, n)["c"] == "40"
+
+
+def _run_child(code: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+def test_interpreter_exit_flushes(redis_server: RedisServer, redis_client: redis.Redis) -> None:
+    n = name()
+    p = _run_child(f"""
+        import redis
+        from distbreaker import CircuitBreaker, CircuitBreakerConfig
+        b = CircuitBreaker({n!r}, CircuitBreakerConfig(consistency="batched",
+                           minimum_calls=100000), redis=redis.Redis(port={redis_server.port}))
+        for _ in range(2000):
+            b.call(lambda: None)
+        print(b.get_metrics().pending_outcomes > 0 or "none pending")
+        # no flush, no close: exit must send what is pending
+    """)
+    assert p.returncode == 0, p.stderr
+    assert window(redis_client, n)["c"] == "2000", p.stdout + p.stderr
+
+
+def test_async_loop_end_flushes(redis_server: RedisServer, redis_client: redis.Redis) -> None:
+    n = name()
+    p = _run_child(f"""
+        import asyncio
+        import redis.asyncio as aredis
+        from distbreaker import AsyncCircuitBreaker, CircuitBreakerConfig
+
+        async def ok():
+            await asyncio.sleep(0)  # a real backend call yields to the loop
+            return 1
+
+        async def main():
+            b = AsyncCircuitBreaker({n!r}, CircuitBreakerConfig(consistency="batched",
+                                    minimum_calls=100000),
+                                    redis=aredis.Redis(port={redis_server.port}))
+            for _ in range(1500):
+                await b.call(ok)
+            # returns with outcomes pending: the loop's shutdown cancels the drain task
+
+        asyncio.run(main())
+    """)
+    assert p.returncode == 0, p.stderr
+    w = window(redis_client, n)
+    # at most the batch in flight when the loop cancelled the writer is unconfirmed
+    assert 1500 - 256 <= int(w["c"]) <= 1500, (w, p.stderr)
+    assert "Traceback" not in p.stderr, p.stderr
+
+
+@pytest.mark.multiprocess
+def test_fork_child_does_not_send_the_parents_outcomes(redis_client: redis.Redis) -> None:
+    n = name()
+    b = CircuitBreaker(n, CircuitBreakerConfig(**BATCHED), redis=redis_client)
+    spy = Spy(b)
+    spy.gate.clear()
+    for _ in range(30):
+        b.call(ok)  # 1 in flight (held), 29 pending
+    assert b.get_metrics().pending_outcomes == 30
+    pid = os.fork()
+    if pid == 0:  # child: its own writer; none of the parent's outcomes
+        code = 1
+        try:
+            spy.gate.set()  # the child's copy of the gate
+            if b.get_metrics().pending_outcomes == 0:
+                for _ in range(12):
+                    b.call(ok)
+                code = 0 if b.flush(10) and b.get_metrics().pending_outcomes == 0 else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    spy.gate.set()
+    assert b.flush(10)
+    assert window(redis_client, n)["c"] == "42"  # 30 from the parent, 12 from the child
+    b.close()
+
+
+# -- asyncio ---------------------------------------------------------------------------------
+
+
+async def test_async_batched_counts_and_projection(redis_server: RedisServer) -> None:
+    r = aredis.Redis(port=redis_server.port)
+    sync_r = redis_server.client()
+    n = name()
+    changes: list[str] = []
+    b = AsyncCircuitBreaker(n, CircuitBreakerConfig(**BATCHED), redis=r,
+                            on_state_change=lambda *_: changes.append("x"))
+
+    async def aok() -> int:
+        return 1
+
+    async def aboom() -> None:
+        raise Boom
+
+    for _ in range(1000):
+        await b.call(aok)
+    assert await b.flush(10)
+    assert window(sync_r, n)["c"] == "1000"
+    executed = 0
+    for _ in range(40):
+        try:
+            await b.call(aboom)
+            executed += 1
+        except Boom:
+            executed += 1
+        except CircuitOpenError:
+            break
+    assert executed == 20
+    assert await b.flush(10)
+    assert state(sync_r, n)["state"] == "open" and changes == ["x"]
+    m = await b.get_metrics()
+    assert m.batches < 1020 and m.pending_outcomes == 0
+    await b.close()
+    await r.aclose()
+    sync_r.close()
+
+
+async def test_sync_breaker_aflush(redis_client: redis.Redis) -> None:
+    n = name()
+    b = CircuitBreaker(n, CircuitBreakerConfig(**BATCHED), redis=redis_client)
+    for _ in range(100):
+        b.call(ok)
+    assert await b.aflush(10)
+    assert window(redis_client, n)["c"] == "100"
+    b.close()
+
+
+# -- Redis fails -----------------------------------------------------------------------------
+
+
+def test_outage_in_batched_mode_falls_back_without_raising() -> None:
+    server = RedisServer().start()
+    try:
+        c = server.client()
+        n = name()
+        b = CircuitBreaker(n, CircuitBreakerConfig(**{**BATCHED, "failure_threshold": 5}),
+                           redis=c)
+        for _ in range(50):
+            b.call(ok)
+        assert b.flush(10)
+        server.stop()
+        rejected = 0
+        for _ in range(100):
+            try:
+                b.call(boom)
+            except Boom:
+                pass
+            except CircuitOpenError:
+                rejected += 1
+        assert b.flush(10)  # the fallback applied them: nothing waits forever
+        assert rejected > 0  # the local fallback tripped on the failing backend
+        assert b.get_metrics().lost_outcomes == 0
+        b.close()
+    finally:
+        server.stop()
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError, match="consistency must be 'strict' or 'batched'"):
+        CircuitBreakerConfig(consistency="eventual")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"max_batch must be in \[1, 10000\]"):
+        CircuitBreakerConfig(max_batch=0)
+    # the write path is per process: it does not change the shared config's fingerprint
+    assert (CircuitBreakerConfig(consistency="batched").fingerprint
+            == CircuitBreakerConfig().fingerprint)

@@ -1,17 +1,24 @@
-"""Loading the Lua scripts from package data.
+"""Loading the Lua scripts from package data, in their two forms.
 
-Each operation's file is prefixed with ``_lib.lua`` (shared helpers) and registered with
-the client's own ``register_script``, so redis-py runs EVALSHA and reloads on NOSCRIPT.
+* A script per operation (EVAL / EVALSHA): ``_lib.lua`` (shared helpers), then the
+  operation's file. Works on every Redis and on fakeredis.
+* One Redis Function library (Redis 7+) with one function per operation: the same files,
+  loaded once per server. The helpers and parsed configs then live between calls instead
+  of being rebuilt on every call, which is most of a script's cost on the hot path.
+
+The library and function names carry a hash of the code, so processes running different
+distbreaker versions against one Redis each find their own.
 """
 
 from __future__ import annotations
 
+import hashlib
 from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-__all__ = ["OPS", "ScriptSet", "script_source"]
+__all__ = ["OPS", "ScriptSet", "function_library", "function_name", "script_source"]
 
 OPS = ("acquire", "record", "snapshot", "force", "reset")
 
@@ -24,15 +31,47 @@ def _lua_dir() -> Any:
     return Path(__file__).resolve().parent.parent / "lua"
 
 
+_EVAL_TAIL = "return run(main, KEYS_IN, ARGV_IN)"
+
+
+@cache
+def _read(name: str) -> str:
+    text: str = _lua_dir().joinpath(name).read_text("utf-8")
+    return text
+
+
 @cache
 def script_source(op: str) -> str:
-    """The full Lua source run for `op`: the shared library, then the operation's file."""
+    """The full Lua source run for `op` as a script: the shared library, then the
+    operation's file (which hands the KEYS and ARGV globals, captured first, to run)."""
     if op not in OPS:
         raise ValueError(f"unknown script {op!r}; expected one of {', '.join(OPS)}")
-    d = _lua_dir()
-    lib: str = d.joinpath("_lib.lua").read_text("utf-8")
-    body: str = d.joinpath(f"{op}.lua").read_text("utf-8")
-    return lib + "\n" + body
+    return "local KEYS_IN, ARGV_IN = KEYS, ARGV\n" + _read("_lib.lua") + "\n" + _read(f"{op}.lua")
+
+
+@cache
+def _library_id() -> str:
+    code = _read("_lib.lua") + "".join(_read(f"{op}.lua") for op in OPS)
+    return hashlib.sha1(code.encode()).hexdigest()[:12]
+
+
+def function_name(op: str) -> str:
+    """The Redis Function that runs `op`."""
+    return f"distbreaker_{_library_id()}_{op}"
+
+
+@cache
+def function_library() -> str:
+    """The Redis Function library (FUNCTION LOAD) with every operation."""
+    parts = [f"#!lua name=distbreaker_{_library_id()}\n", _read("_lib.lua")]
+    for op in OPS:
+        body = _read(f"{op}.lua").rstrip()
+        if not body.endswith(_EVAL_TAIL):
+            raise RuntimeError(f"lua/{op}.lua must end with {_EVAL_TAIL!r}")
+        parts.append(f"\ndo\n{body[: -len(_EVAL_TAIL)]}\n"
+                     f"redis.register_function('{function_name(op)}', "
+                     f"function(keys, args) return run(main, keys, args) end)\nend\n")
+    return "".join(parts)
 
 
 class ScriptSet:

@@ -13,7 +13,11 @@
 --   ARGV[6]  '' (use Redis TIME) or a time in ms; only the test suite sets it
 -- and returns the same reply array (see reply() below); snapshot.lua appends more fields.
 
-local K_STATE, K_WIN, K_PROBES = KEYS[1], KEYS[2], KEYS[3]
+-- Per-call values, set by begin(): the same file runs as an EVAL script (begin is called
+-- with the KEYS and ARGV globals) and as a Redis Function library (loaded once; each
+-- function calls begin with its keys and args), so nothing below reads those globals.
+local KEYS, ARGV
+local K_STATE, K_WIN, K_PROBES, CFG, FP, CHANNEL, NAME, RND, NOW, NOTE, WTAG
 
 local function num(v, d)
   v = tonumber(v)
@@ -21,31 +25,46 @@ local function num(v, d)
   return v
 end
 
-local CFG_PATTERN = '^' .. string.rep('([^,]*),', 14) .. '([^,]*)$'
+local CFG_PATTERN  -- built on first use: a library's load step may not touch `string`
 
 local function parse_cfg(s)
-  -- one match with 15 captures: cheaper than iterating, and this runs on every call
+  if CFG_PATTERN == nil then
+    CFG_PATTERN = '^' .. string.rep('([^,]*),', 14) .. '([^,]*)$'
+  end
+  -- one match with 15 captures: cheaper than iterating
   local c = {string.match(s, CFG_PATTERN)}
   for i = 1, 15 do c[i] = tonumber(c[i]) end
-  return {ft = c[1], rt = c[2], st = c[3], frt = c[4], minc = c[5], count = c[6] == 1,
-          wn = c[7], bw = c[8], srt = c[9], homax = c[10], maxrt = c[11], mult = c[12],
-          jitter = c[13], lease = c[14], ttl = c[15]}
+  local cfg = {ft = c[1], rt = c[2], st = c[3], frt = c[4], minc = c[5], count = c[6] == 1,
+               wn = c[7], bw = c[8], srt = c[9], homax = c[10], maxrt = c[11], mult = c[12],
+               jitter = c[13], lease = c[14], ttl = c[15]}
+  -- tags a window with the shape it was built for; a window of another shape starts over
+  cfg.wtag = (cfg.count and 'c' or 't') .. cfg.wn .. ':' .. cfg.bw
+  return cfg
 end
 
-local CFG = parse_cfg(ARGV[1])
-local FP, CHANNEL, NAME, RND = ARGV[2], ARGV[3], ARGV[4], num(ARGV[5], 0.5)
+-- Parsed configs, by config string. A Function library keeps this between calls (a
+-- fleet has a handful of configs); an EVAL script starts with it empty every time.
+local CFG_CACHE, CFG_CACHED = {}, 0
 
-local NOW
-if ARGV[6] ~= nil and ARGV[6] ~= '' then
-  NOW = tonumber(ARGV[6])
-else
-  local t = redis.call('TIME')
-  NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function begin(keys, argv)
+  KEYS, ARGV = keys, argv
+  K_STATE, K_WIN, K_PROBES = keys[1], keys[2], keys[3]
+  CFG = CFG_CACHE[argv[1]]
+  if CFG == nil then
+    CFG = parse_cfg(argv[1])
+    if CFG_CACHED >= 256 then CFG_CACHE, CFG_CACHED = {}, 0 end
+    CFG_CACHE[argv[1]], CFG_CACHED = CFG, CFG_CACHED + 1
+  end
+  WTAG = CFG.wtag
+  FP, CHANNEL, NAME, RND = argv[2], argv[3], argv[4], num(argv[5], 0.5)
+  if argv[6] ~= nil and argv[6] ~= '' then
+    NOW = tonumber(argv[6])
+  else
+    local t = redis.call('TIME')
+    NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  NOTE = ''
 end
-
-local NOTE = ''
--- Tags a window with the shape it was built for; a window of another shape starts over.
-local WTAG = (CFG.count and 'c' or 't') .. CFG.wn .. ':' .. CFG.bw
 
 local function repair(why)
   -- Garbage in our keys must never reach a caller: drop what cannot be read, say so.
@@ -97,7 +116,8 @@ end
 
 -- Runs an operation; if one of our keys holds the wrong type (garbage written by hand),
 -- deletes the breaker's keys and runs it again on a fresh breaker.
-local function run(main)
+local function run(main, keys, argv)
+  begin(keys, argv)
   local ok, res = pcall(main)
   if ok then return res end
   local msg = res

@@ -32,4 +32,4 @@ local function main()
   return reply(0, S, math.max(first - NOW, 1), 0)
 end
 
-return run(main)
+return run(main, KEYS_IN, ARGV_IN)

@@ -27,4 +27,4 @@ local function main()
   return reply(1, S, retry, -1)
 end
 
-return run(main)
+return run(main, KEYS_IN, ARGV_IN)

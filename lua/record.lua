@@ -1,13 +1,16 @@
 -- record: apply an ordered batch of outcomes and evaluate the trip / close rules.
 -- KEYS, ARGV[1..6]: see _lib.lua.
--- ARGV[7..]  groups of four per outcome:
+-- ARGV[7]  'c': the short reply also carries the window counts (batched mode projects
+--          onto them); '' otherwise
+-- ARGV[8..]  groups of four per outcome:
 --            generation it was admitted under; code (0 ok, 1 failed, 2 slow ok,
 --            3 slow failed, 4 no outcome: only give the lease back); lease id or '';
 --            retry_after_ms from the provider (0 = none), the open period if it trips
 -- Returns: the common reply; decision = how many outcomes counted (the rest were stale:
 --          older generation, override active, or no outcome). When the breaker is still
 --          plainly CLOSED (no transition, no override, no lease returned, nothing repaired)
---          only {counted, generation, now_ms}.
+--          only {counted, generation, now_ms}, or with ARGV[7] = 'c'
+--          {counted, generation, now_ms, window calls, failures, slow, consecutive_failures}.
 -- An outcome of an older generation never drives a transition.
 
 local function main()
@@ -16,7 +19,7 @@ local function main()
   local counted = 0
   local freed = false
 
-  for a = 7, #ARGV, 4 do
+  for a = 8, #ARGV, 4 do
     local gen, code, lease, ra = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), ARGV[a + 2],
       num(ARGV[a + 3], 0)
     if lease ~= '' and lease ~= nil then
@@ -67,11 +70,15 @@ local function main()
     publish(S, 'p')
   end
   if S.from == '' and NOTE == '' and S.state == 'closed' and S.forced == '' and not freed then
-    return {counted, S.gen, NOW}  -- the common case: still plainly CLOSED, nothing else to say
+    if ARGV[7] ~= 'c' then
+      return {counted, S.gen, NOW}  -- the common case: still plainly CLOSED, nothing else to say
+    end
+    if not W then W = window_view() end
+    return {counted, S.gen, NOW, W.c, W.f, W.s, S.cf}
   end
   local free = -1
   if S.state == 'half_open' and freed then free = 1 end
   return reply(counted, S, 0, free, W)
 end
 
-return run(main)
+return run(main, KEYS_IN, ARGV_IN)

@@ -15,4 +15,4 @@ local function main()
   return reply(1, S, 0, -1)
 end
 
-return run(main)
+return run(main, KEYS_IN, ARGV_IN)

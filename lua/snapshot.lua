@@ -30,4 +30,4 @@ local function main()
   return r
 end
 
-return run(main)
+return run(main, KEYS_IN, ARGV_IN)

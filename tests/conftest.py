@@ -25,7 +25,8 @@ def redis_server() -> Iterator[RedisServer]:
 def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
     c = redis_server.client()
     c.flushall()
-    c.script_flush()  # every test also walks the NOSCRIPT reload path
+    c.script_flush()  # every test also walks the reload paths (NOSCRIPT,
+    c.function_flush()  # "Function not found")
     yield c
     c.close()
 

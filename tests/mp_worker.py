@@ -73,15 +73,25 @@ class CountingConnection(Connection):
     sent = 0  # send_packed_command calls (one per command outside pipelines)
     names: ClassVar[list[str]] = []  # "<thread name> <COMMAND>" per send_command
 
+    _via = threading.local()  # set while send_command packs and sends
+
     def send_command(self, *args: Any, **kwargs: Any) -> None:
         cmd = str(args[0]).upper() if args else "?"
         with CountingConnection.lock:
             CountingConnection.names.append(f"{threading.current_thread().name} {cmd}")
-        super().send_command(*args, **kwargs)
+        self._via.on = True
+        try:
+            super().send_command(*args, **kwargs)
+        finally:
+            self._via.on = False
 
     def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         with CountingConnection.lock:
             CountingConnection.sent += 1
+            if not getattr(self._via, "on", False):  # packed by the caller (distbreaker)
+                first = b"".join(command) if isinstance(command, list) else bytes(command)
+                name = first.split(b"\r\n")[2].decode().upper()
+                CountingConnection.names.append(f"{threading.current_thread().name} {name}")
         super().send_packed_command(command, check_health)
 
     @classmethod
@@ -209,8 +219,11 @@ class Worker:
                 rejected += 1
                 if not period:
                     time.sleep(0.001)
+        flushed = b.flush(10)  # batched mode: everything applied before reporting
+        m = b.get_metrics()
         self.result(executed=executed, rejected=rejected, failed=failed, succeeded=succeeded,
-                    state=str(b.get_state()))
+                    state=str(b.get_state()), flushed=flushed, batches=m.batches,
+                    lost=m.lost_outcomes)
 
     def mode_probe_once(self) -> None:
         """Try to get through for `attempt_window` s; if admitted, hold the permit until
@@ -353,7 +366,7 @@ class Worker:
         while time.monotonic() < end and not listener_refreshed:
             with CountingConnection.lock:
                 listener_refreshed = any(
-                    n.startswith("distbreaker-listener") and n.endswith(" EVALSHA")
+                    n.startswith("distbreaker-listener") and n.endswith(" FCALL")
                     for n in CountingConnection.names)
             time.sleep(0.01)
         time.sleep(0.2)
@@ -398,7 +411,7 @@ class Worker:
                     self.exec_incr()
                     with CountingConnection.lock:
                         scripts = [n for n in CountingConnection.names
-                                   if n == "MainThread EVALSHA"]
+                                   if n in ("MainThread FCALL", "MainThread EVALSHA")]
                     admitted = {"is_probe": permit.is_probe, "at_ms": t,
                                 "main_thread_scripts": len(scripts)}
                 break

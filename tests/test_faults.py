@@ -161,6 +161,7 @@ def test_flushall_and_script_flush_mid_run(redis_client: redis.Redis) -> None:
     b.force_open()
     redis_client.flushall()
     redis_client.script_flush()
+    redis_client.function_flush()
     # the first call after the flush may be rejected on the old snapshot; then adopted
     deadline = time.monotonic() + 3
     while b.get_state() is not CircuitState.CLOSED and time.monotonic() < deadline:

@@ -21,8 +21,8 @@ from redis_server import RedisServer
 
 ACL_LINE = (
     "ACL SETUSER distbreaker on >s3cret-pass resetkeys ~distbreaker:* resetchannels "
-    "&distbreaker:* -@all +evalsha +script|load +script|exists +subscribe +ping "
-    "+time +hmget +hget +hset +hdel +del +pexpire +publish +zremrangebyscore "
+    "&distbreaker:* -@all +fcall +function|load +evalsha +script|load +script|exists "
+    "+subscribe +ping +time +hmget +hget +hset +hdel +del +pexpire +publish +zremrangebyscore "
     "+zcard +zrange +zadd +zrem +zcount +scan +hgetall +pttl +type"
 )
 
@@ -138,7 +138,9 @@ def test_restricted_acl_user_runs_the_breaker() -> None:
         assert not other.is_available()
         b.release()
         admin.script_flush()
-        b.reset()  # reloads scripts with SCRIPT LOAD as the restricted user
+        admin.function_flush()
+        b.reset()  # reloads the library with FUNCTION LOAD as the restricted user
+        assert admin.info("commandstats").get("cmdstat_fcall", {}).get("calls", 0) > 0
         assert b.get_metrics().fleet is not None
         assert seen == [CircuitState.OPEN, CircuitState.HALF_OPEN, CircuitState.CLOSED,
                         CircuitState.OPEN, CircuitState.CLOSED]  # force_open, release

@@ -292,6 +292,53 @@ def test_consecutive_threshold_trips_once_fleet_wide(fleet: Fleet) -> None:
         assert x["rejected"] > 0, x  # every process learned it and stopped calling
 
 
+def test_batched_mode_trips_once_within_its_overshoot_bound(fleet: Fleet) -> None:
+    """Batched mode: each process stops at its own projection (the shared counters of its
+    last reply plus its unsent outcomes), so the fleet executes at most P x threshold
+    calls in the worst case (every process projecting from a stale zero), and still
+    exactly one transition happens, in Redis."""
+    cfg = dict(failure_threshold=20, minimum_calls=1_000_000, recovery_timeout=60.0,
+               consistency="batched")
+    for _ in range(8):
+        fleet.spawn("hammer", cfg, outcome="fail", duration=2.0)
+    fleet.wait_ready()
+    fleet.release(8)
+    results = fleet.finish_all()
+
+    events = fleet.all_events()
+    executed = fleet.exec_count()
+    print(f"\nbatched, threshold 20, 8 processes: {executed} backend executions, "
+          f"per worker {[x['executed'] for x in results]}, "
+          f"script calls {[x['batches'] for x in results]}")
+    assert events == Counter({("closed", "open"): 1}), events
+    assert 20 <= executed <= 8 * 20, executed
+    assert hgetall(fleet.r, fleet.name)["state"] == "open"
+    for x in results:
+        assert x["flushed"] and x["lost"] == 0, x
+        assert x["executed"] <= 20, x  # no process passes its own projection
+        assert x["state"] == "open" and x["rejected"] > 0, x
+
+
+def test_batched_mode_failure_rate_trips_once(fleet: Fleet) -> None:
+    cfg = dict(failure_rate_threshold=0.4, minimum_calls=20, failure_threshold=1000,
+               recovery_timeout=60.0, consistency="batched")
+    for i in range(8):
+        fleet.spawn("hammer", cfg, outcome="fail" if i % 2 else "ok", duration=1.5,
+                    rate_hz=1000)
+    fleet.wait_ready()
+    fleet.release(8)
+    results = fleet.finish_all()
+    events = fleet.all_events()
+    calls = sum(x["failed"] + x["succeeded"] for x in results)
+    batches = sum(x["batches"] for x in results)
+    print(f"\nbatched rate rule: {calls} calls in {batches} script calls, events {dict(events)}")
+    assert hgetall(fleet.r, fleet.name)["state"] == "open"
+    assert events == Counter({("closed", "open"): 1}), events
+    assert batches <= calls
+    for x in results:
+        assert x["state"] == "open", x
+
+
 # -- 2 ---------------------------------------------------------------------------------------
 
 
@@ -500,10 +547,10 @@ def test_successful_call_costs_one_command(private_fleet: Fleet) -> None:
     assert x["executed"] == 1050 and x["state"] == "closed", x
     assert x["client_sent"] == 1000, x
     assert x["client_name_count"] == 1000, x
-    assert x["client_names"] == ["MainThread EVALSHA"], x
-    assert sd.get("cmdstat_evalsha") == 1000, sd
+    assert x["client_names"] == ["MainThread FCALL"], x
+    assert sd.get("cmdstat_fcall") == 1000, sd
     top_level = {k: v for k, v in sd.items()
-                 if k not in SCRIPT_INTERNAL and k not in ("cmdstat_info", "cmdstat_evalsha")}
+                 if k not in SCRIPT_INTERNAL and k not in ("cmdstat_info", "cmdstat_fcall")}
     assert top_level == {}, sd
 
 
@@ -536,7 +583,7 @@ def test_wall_clock_skew_neither_admits_early_nor_keeps_out_late(
     assert open_until <= adm["at_ms"] <= opened_at + 1500, (adm["at_ms"] - opened_at, x)
     # The open period was measured locally, not re-asked of Redis on every rejected call:
     # the main thread ran only the constructor's snapshot and the admitting acquire (each
-    # at most twice, for the NOSCRIPT reload after the fixture's SCRIPT FLUSH).
+    # at most twice, for the library reload after the fixture's FUNCTION FLUSH).
     assert x["rejected"] > 10 and adm["main_thread_scripts"] <= 4, x
     assert fleet.exec_count() == 1
     assert x["events"] == [{"old": "open", "new": "half_open", "name": fleet.name}], x

@@ -19,8 +19,10 @@ import redis
 from distbreaker import CircuitBreaker, CircuitBreakerConfig
 from distbreaker._keys import BreakerKeys, channel_for
 from distbreaker._ops import Code, ScriptCall, build_call, decode_reply
-from distbreaker._scripts import OPS, _lua_dir, script_source
+from distbreaker._scripts import OPS, _lua_dir, function_name, script_source
 from distbreaker.stores import MemoryStore, RedisStore
+
+from redis_server import RedisServer
 
 LUA = Path(str(_lua_dir()))  # the installed package's copy when testing a wheel
 T0 = 1_700_000_000_000
@@ -42,6 +44,7 @@ def _random_call(rng: random.Random, i: int, now: int, gen: int, leases: list[st
         extra = [f"l{i}"]
         leases.append(extra[0])
     elif op == "record":
+        extra = [rng.choice(["", "c"])]
         for _ in range(rng.choice([1, 1, 1, 2, 5])):
             lease = leases.pop(rng.randrange(len(leases))) if leases and rng.random() < .5 else ""
             extra += [max(0, gen - rng.choice([0, 0, 0, 0, 1])),  # mostly the current one
@@ -88,7 +91,7 @@ def test_lua_matches_the_model(backend: str, seed: int, cfg_i: int,
         if call.op == "snapshot":
             a[17] = b[17] = 0  # updated_at_ms: Lua skips writes that change nothing
         assert a == b, f"step {step}: {call.op} {call.args[6:]} -> lua {a} model {b}"
-        if len(b) == 3:  # record's short reply: still plainly CLOSED
+        if len(b) in (3, 7):  # record's short reply: still plainly CLOSED
             gen = b[1]
             ops.add((call.op, "closed", ""))
         else:
@@ -129,7 +132,44 @@ def test_names_travel_only_as_keys_and_argv(fake_client: fakeredis.FakeRedis) ->
     b.close()
 
 
-def test_noscript_after_script_flush(redis_client: redis.Redis) -> None:
+def test_function_library_reloads_after_function_flush(redis_client: redis.Redis) -> None:
+    b = CircuitBreaker("fflush", CircuitBreakerConfig(max_staleness=60), redis=redis_client)
+    assert b.call(lambda: 1) == 1
+    lib = f"distbreaker_{function_name('record').split('_')[1]}".encode()
+    assert lib in repr(redis_client.function_list()).encode()
+    redis_client.function_flush()
+    assert b.call(lambda: 2) == 2  # "Function not found": loaded again, then run
+    assert redis_client.hget("distbreaker:v1:{fflush}", "state") == b"closed"
+    calls = redis_client.info("commandstats")
+    assert calls["cmdstat_fcall"]["calls"] >= 2 and "cmdstat_evalsha" not in calls
+    b.close()
+
+
+def test_scripts_where_functions_are_not_allowed(redis_server: RedisServer,
+                                                 redis_client: redis.Redis) -> None:
+    """A user without FCALL rights (or Redis < 7) gets the same behaviour over EVALSHA,
+    and the scripts reload after SCRIPT FLUSH."""
+    redis_client.acl_setuser("nofcall", enabled=True, passwords=["+pw"], keys=["~*"],
+                             channels=["*"], commands=["+@all", "-fcall", "-function"])
+    c = redis.Redis(port=redis_server.port, username="nofcall", password="pw")
+    b = CircuitBreaker("nofcall", CircuitBreakerConfig(failure_threshold=2, max_staleness=60),
+                       redis=c)
+    assert b.call(lambda: 1) == 1
+    redis_client.script_flush()
+    for _ in range(2):
+        with pytest.raises(ZeroDivisionError):
+            b.call(lambda: 1 / 0)
+    assert redis_client.hget("distbreaker:v1:{nofcall}", "state") == b"open"
+    assert not b.store_degraded
+    b.close()
+    c.close()
+    redis_client.acl_deluser("nofcall")
+
+
+def test_noscript_after_script_flush(fake_client: Any) -> None:
+    """The generic path (fakeredis here, Cluster clients too): redis-py's Script objects
+    run EVALSHA and reload on NOSCRIPT."""
+    redis_client = fake_client
     b = CircuitBreaker("flushy", CircuitBreakerConfig(max_staleness=60), redis=redis_client)
     assert b.call(lambda: 1) == 1
     redis_client.script_flush()
@@ -173,7 +213,7 @@ def test_record_batch_is_ordered_and_stops_counting_after_a_trip(
     cfg = CircuitBreakerConfig(failure_threshold=2)
     keys = BreakerKeys.for_name("batch")
     call = build_call("record", keys, cfg, channel_for("distbreaker"),
-                      extra=[0, int(Code.FAILED), "", 0] * 5)
+                      extra=["", *[0, int(Code.FAILED), "", 0] * 5])
     r = decode_reply(RedisStore(redis_client).run(call))
     assert r.decision == 2 and r.state == "open" and r.generation == 1
     assert r.transition_from == "closed"

@@ -194,9 +194,10 @@ def test_failover_under_load(how: str) -> None:
         # the workers use the new primary on their own: their calls arrive there
         direct_new = topo.server(new).client()
 
-        def evalsha_on_new() -> int:
-            s = direct_new.info("commandstats").get("cmdstat_evalsha")
-            return int(s["calls"]) if s else 0
+        def evalsha_on_new() -> int:  # the breaker's calls: FCALL, or EVALSHA
+            st = direct_new.info("commandstats")
+            return sum(int(st[k]["calls"]) for k in ("cmdstat_fcall", "cmdstat_evalsha")
+                       if k in st)
 
         before = evalsha_on_new()
         wait_for(lambda: evalsha_on_new() > before + 2 * RATE * WORKERS // 10, 10,

@@ -1,24 +1,150 @@
-"""Redis stores: one registered Script per operation, run with EVALSHA."""
+"""Redis stores: run the operations as Redis Functions (FCALL) or scripts (EVALSHA).
+
+For a plain or Sentinel-managed redis-py client the store writes the command itself: the
+part that never changes for a breaker (function or script, KEYS, config, fingerprint,
+channel, sender) is encoded once, and only the few per-call arguments are encoded per
+call, on a connection from the client's own pool. redis-py's generic command path spends
+about as long encoding record.lua's 17 arguments and running its hooks as the round
+trip's floor on a small machine (see benchmarks/); every guarded call takes this path in
+strict mode. The store calls the distbreaker Function library (loaded on first "Function
+not found"), whose helpers and parsed configs stay loaded between calls; on a server
+without Functions (Redis < 7) or a user without FCALL / FUNCTION LOAD rights it switches
+to EVALSHA for good. Cluster clients and anything else go through redis-py's
+``register_script`` objects (EVALSHA, reloaded on NOSCRIPT).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 from typing import Any
 
+import redis
+import redis.asyncio
+
 from .._ops import ScriptCall
-from .._scripts import ScriptSet
+from .._scripts import OPS, ScriptSet, function_library, function_name, script_source
 
 __all__ = ["AsyncRedisStore", "RedisStore"]
 
+_HEAD_CACHE_MAX = 4096
+_LEGACY_GET_CONNECTION = tuple(int(x) for x in redis.__version__.split(".")[:2]) < (5, 3)
+
+
+def _bulk(v: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(v), v)
+
+
+def _enc(a: str | int | float | bytes) -> bytes:
+    """One argument as redis-py would encode it (utf-8 text, repr for floats)."""
+    if isinstance(a, str):
+        v = a.encode()
+    elif isinstance(a, bytes):
+        v = a
+    elif isinstance(a, float):
+        v = repr(a).encode()
+    else:
+        v = b"%d" % a
+    return b"$%d\r\n%s\r\n" % (len(v), v)
+
+
+class _Packer:
+    """Encodes script calls as FCALL (or, after `use_scripts`, EVALSHA); the constant
+    head of each (operation, breaker) is cached."""
+
+    def __init__(self) -> None:
+        self._targets = {op: (b"FCALL", function_name(op).encode()) for op in OPS}
+        self._heads: dict[tuple[Any, ...], bytes] = {}
+        self.functions = True
+
+    def use_scripts(self) -> None:
+        self._targets = {op: (b"EVALSHA", hashlib.sha1(script_source(op).encode())
+                              .hexdigest().encode()) for op in OPS}
+        self._heads = {}
+        self.functions = False
+
+    def pack(self, call: ScriptCall) -> bytes:
+        a = call.args
+        k = call.keys
+        key = (call.op, k[0], a[0], a[1], a[2], a[3])
+        head = self._heads.get(key)
+        if head is None:
+            if len(self._heads) >= _HEAD_CACHE_MAX:
+                self._heads.clear()
+            parts = [*self._targets[call.op], b"%d" % len(k), *(x.encode() for x in k)]
+            head = b"".join(_bulk(p) for p in parts) + b"".join(_enc(x) for x in a[:4])
+            self._heads[key] = head
+        return b"*%d\r\n%s%s" % (3 + len(k) + len(a), head, b"".join(map(_enc, a[4:])))
+
+
+def _missing(e: Exception) -> str:
+    """What an error reply says is missing: "function" (load the library), "script"
+    (load it), "support" (no Functions here: use scripts), or "" (a real error)."""
+    if isinstance(e, redis.exceptions.NoScriptError) or str(e).startswith("NOSCRIPT"):
+        return "script"
+    msg = str(e)
+    if "Function not found" in msg:
+        return "function"
+    if msg.startswith("unknown command") or "NOPERM" in msg or "no permissions" in msg:
+        return "support"
+    return ""
+
+
+def _raw_capable(client: Any) -> bool:
+    """A plain or Sentinel-managed redis-py client (not Cluster, not a fake or a wrapper)."""
+    pool = getattr(client, "connection_pool", None)
+    return (isinstance(client, (redis.Redis, redis.asyncio.Redis))
+            and type(client).__module__.startswith("redis.")
+            and pool is not None and type(pool).__module__.startswith("redis.")
+            and hasattr(pool, "get_connection") and hasattr(pool, "release"))
+
 
 class RedisStore:
-    """Runs script calls on a sync redis-py client (redis-py reloads on NOSCRIPT)."""
+    """Runs script calls on a sync redis-py client."""
 
     def __init__(self, client: Any) -> None:
         self.client = client
         self._scripts = ScriptSet(client)
+        self._packer = _Packer() if _raw_capable(client) else None
 
     def run(self, call: ScriptCall) -> Any:
-        return self._scripts[call.op](keys=call.keys, args=call.args)
+        packer = self._packer
+        if packer is None:
+            return self._scripts[call.op](keys=call.keys, args=call.args)
+        try:
+            return self._send(packer.pack(call))
+        except redis.ResponseError as e:
+            missing = _missing(e)
+            if not missing:
+                raise
+        # first use on this server, or after FUNCTION FLUSH / SCRIPT FLUSH / a restart
+        if missing == "function":
+            try:
+                self.client.function_load(function_library(), replace=True)
+            except redis.ResponseError as e:
+                if _missing(e) != "support":
+                    raise
+                missing = "support"
+        if missing == "support":
+            packer.use_scripts()
+        if missing == "script" or missing == "support":
+            self.client.script_load(script_source(call.op))
+        return self._send(packer.pack(call))
+
+    def _send(self, payload: bytes) -> Any:
+        pool = self.client.connection_pool
+        conn = pool.get_connection("EVALSHA") if _LEGACY_GET_CONNECTION else \
+            pool.get_connection()
+        try:
+            conn.send_packed_command([payload])
+            return conn.read_response()
+        except redis.ResponseError:
+            raise  # the connection is fine: an error reply was read in full
+        except BaseException:
+            conn.disconnect()  # the reply may still be unread: never reuse this connection
+            raise
+        finally:
+            pool.release(conn)
 
 
 class AsyncRedisStore:
@@ -27,6 +153,44 @@ class AsyncRedisStore:
     def __init__(self, client: Any) -> None:
         self.client = client
         self._scripts = ScriptSet(client)
+        self._packer = _Packer() if _raw_capable(client) else None
 
     async def run(self, call: ScriptCall) -> Any:
-        return await self._scripts[call.op](keys=call.keys, args=call.args)
+        packer = self._packer
+        if packer is None:
+            return await self._scripts[call.op](keys=call.keys, args=call.args)
+        try:
+            return await self._send(packer.pack(call))
+        except redis.ResponseError as e:
+            missing = _missing(e)
+            if not missing:
+                raise
+        if missing == "function":
+            try:
+                await self.client.function_load(function_library(), replace=True)
+            except redis.ResponseError as e:
+                if _missing(e) != "support":
+                    raise
+                missing = "support"
+        if missing == "support":
+            packer.use_scripts()
+        if missing == "script" or missing == "support":
+            await self.client.script_load(script_source(call.op))
+        return await self._send(packer.pack(call))
+
+    async def _send(self, payload: bytes) -> Any:
+        pool = self.client.connection_pool
+        conn = await (pool.get_connection("EVALSHA") if _LEGACY_GET_CONNECTION else
+                      pool.get_connection())
+        try:
+            await conn.send_packed_command([payload])
+            return await conn.read_response()
+        except redis.ResponseError:
+            raise
+        except BaseException:
+            await conn.disconnect()
+            raise
+        finally:
+            released = pool.release(conn)
+            if inspect.isawaitable(released):
+                await released

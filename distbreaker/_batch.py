@@ -31,89 +31,128 @@ __all__ = ["OutcomeBatch", "ThreadWriter", "thread_writer"]
 
 log = logging.getLogger("distbreaker")
 
-Outcome = tuple[int, int, int]  # generation admitted under, Code, retry_after_ms
+Run = list[int]  # [generation admitted under, Code, retry_after_ms, count]
+
+
+class _Seg:
+    """What a stretch of outcomes adds to the shared counters: window calls, failures and
+    slow calls, the failures since its last non-failure, and whether it has one (which
+    resets the consecutive count)."""
+
+    __slots__ = ("c", "f", "reset", "s", "tail")
+
+    def __init__(self) -> None:
+        self.c = self.f = self.s = self.tail = 0
+        self.reset = False
+
+    def add(self, failed: bool, slow: bool) -> None:
+        self.c += 1
+        if failed:
+            self.f += 1
+            self.tail += 1
+        else:
+            self.tail = 0
+            self.reset = True
+        if slow:
+            self.s += 1
 
 
 class OutcomeBatch:
     """Pending outcomes of one breaker, and the projection onto the shared counters.
 
-    Every method takes the batch's lock briefly; none does I/O.
+    Outcomes are kept as runs of equal ones (a burst of successes is one run), and the
+    projection from running sums, so that recording an outcome and answering a reply cost
+    the same however far the writer is behind. Every method takes the batch's lock
+    briefly; none does I/O.
     """
 
-    __slots__ = ("_frt", "_ft", "_lock", "_minc", "_srt", "_wn", "applied", "base", "busy",
-                 "c", "cf", "f", "gen", "pending", "recorded", "s", "sent", "tripped",
-                 "waiters")
+    __slots__ = (
+        "_frt",
+        "_ft",
+        "_lock",
+        "_minc",
+        "_srt",
+        "_wn",
+        "applied",
+        "base",
+        "busy",
+        "gen",
+        "pend",
+        "pending",
+        "recorded",
+        "sent",
+        "sent_seg",
+        "tripped",
+        "waiters",
+    )
 
     def __init__(self, cfg: CircuitBreakerConfig) -> None:
-        self._lock = threading.Lock()
         self._ft = cfg.failure_threshold
         self._frt = cfg.failure_rate_threshold
         self._srt = cfg.slow_call_rate_threshold
         self._minc = cfg.minimum_calls
         self._wn = int(cfg.window_size) if cfg.window_type == "count" else 0
-        self.pending: list[Outcome] = []
+        self.reset()
+
+    def reset(self) -> None:
+        """Start empty (also in a forked child: the parent sends its own outcomes)."""
+        self._lock = threading.Lock()
+        self.pending: list[Run] = []
         self.sent = 0  # outcomes in the call in flight
         self.busy = False  # a call is in flight
         self.recorded = 0  # outcomes handed in so far
         self.applied = 0  # outcomes whose call returned (counted, stale, or lost)
         self.waiters: list[tuple[int, Callable[[], None]]] = []
-        # shared counters (window calls, failures, slow; consecutive failures) at `gen`,
-        # as the last reply said, and the projection: those plus every unapplied outcome
+        # the shared counters at `gen` as the last reply said (window calls, failures,
+        # slow, consecutive failures); what the call in flight and the pending outcomes add
         self.gen = -1
         self.base = (0, 0, 0, 0)
-        self.c = self.f = self.s = self.cf = 0
+        self.sent_seg = _Seg()
+        self.pend = _Seg()
         self.tripped = False
 
-    def reset(self) -> None:
-        """Forget everything (a forked child: the parent sends its own outcomes)."""
-        self._lock = threading.Lock()
-        self.pending = []
-        self.sent = 0
-        self.busy = False
-        self.recorded = self.applied = 0
-        self.waiters = []
-        self.gen = -1
-        self.base = (0, 0, 0, 0)
-        self.c = self.f = self.s = self.cf = 0
-        self.tripped = False
+    # -- the projection --------------------------------------------------------------------
+
+    def projected(self) -> tuple[int, int, int, int]:
+        """Window calls, failures, slow calls and consecutive failures once every outcome
+        handed in is applied (a full count window is assumed to drop successes, which
+        errs toward stopping early; the next reply corrects it)."""
+        c0, f0, s0, cf = self.base
+        a, b = self.sent_seg, self.pend
+        c, f, s = c0 + a.c + b.c, f0 + a.f + b.f, s0 + a.s + b.s
+        if self._wn and c > self._wn:
+            c = self._wn
+            f, s = min(f, c), min(s, c)
+        for seg in (a, b):
+            cf = seg.tail if seg.reset else cf + seg.tail
+        return c, f, s, cf
+
+    def _trips(self, failed: bool, slow: bool) -> bool:
+        c, f, s, cf = self.projected()
+        return (failed and cf >= self._ft) or (
+            c >= self._minc
+            and ((failed and f >= self._frt * c) or (slow and s >= self._srt * c)))
 
     # -- the caller's side -----------------------------------------------------------------
 
     def add(self, gen: int, code: int, retry_after_ms: int) -> tuple[bool, bool]:
         """Queue one outcome. Returns (wake the writer, the projection trips now)."""
         with self._lock:
-            self.pending.append((gen, code, retry_after_ms))
+            p = self.pending
+            if p and p[-1][0] == gen and p[-1][1] == code and p[-1][2] == retry_after_ms:
+                p[-1][3] += 1
+            else:
+                p.append([gen, code, retry_after_ms, 1])
             self.recorded += 1
-            wake = not self.busy and len(self.pending) == 1
-            trips = False
-            if code != 4 and gen == self.gen:
-                trips = self._project(code)
+            wake = not self.busy and self.recorded - self.applied == 1
+            if code == 4 or gen != self.gen:
+                return wake, False
+            failed, slow = code == 1 or code == 3, code >= 2
+            self.pend.add(failed, slow)
+            trips = (failed or slow) and self._trips(failed, slow)
+            if trips:
+                self.tripped = True
             return wake, trips
-
-    def _project(self, code: int) -> bool:
-        failed = code == 1 or code == 3
-        slow = code >= 2
-        if self._wn and self.c >= self._wn:
-            # a full count window drops its oldest slot, unknown here: assume it was a
-            # success, which errs toward stopping early (a reply corrects it)
-            pass
-        else:
-            self.c += 1
-        if failed:
-            self.f = min(self.f + 1, self.c)
-            self.cf += 1
-        else:
-            self.cf = 0
-        if slow:
-            self.s = min(self.s + 1, self.c)
-        trips = (failed and self.cf >= self._ft) or (
-            self.c >= self._minc
-            and ((failed and self.f >= self._frt * self.c)
-                 or (slow and self.s >= self._srt * self.c))
-        )
-        if trips:
-            self.tripped = True
-        return trips
 
     def outstanding(self) -> int:
         """How many outcomes handed in are not applied yet."""
@@ -130,52 +169,88 @@ class OutcomeBatch:
 
     # -- the writer's side -----------------------------------------------------------------
 
-    def take(self, limit: int) -> list[Outcome] | None:
-        """The outcomes for the next call, or None if a call is in flight or none wait."""
+    def take(self, limit: int) -> list[Run] | None:
+        """Runs of at most `limit` outcomes for the next call, or None if a call is in
+        flight or none wait."""
         with self._lock:
             if self.busy or not self.pending:
                 return None
-            out = self.pending[:limit]
-            del self.pending[:limit]
+            out: list[Run] = []
+            n = 0
+            p = self.pending
+            while p and n < limit:
+                run = p[0]
+                if n + run[3] <= limit:
+                    out.append(p.pop(0))
+                    n += run[3]
+                else:
+                    k = limit - n
+                    out.append([run[0], run[1], run[2], k])
+                    run[3] -= k
+                    n = limit
             self.busy = True
-            self.sent = len(out)
+            self.sent = n
+            if p:  # part of the pending outcomes stays pending: project them apart
+                self.sent_seg, self.pend = self._segs(out), self._segs(p)
+            else:
+                self.sent_seg, self.pend = self.pend, _Seg()
             return out
+
+    def _segs(self, runs: list[Run]) -> _Seg:
+        seg = _Seg()
+        for gen, code, _, count in runs:
+            if code != 4 and gen == self.gen:
+                failed, slow = code == 1 or code == 3, code >= 2
+                for _ in range(min(count, self._ft + self._minc + 1)):
+                    seg.add(failed, slow)
+                if count > self._ft + self._minc + 1:  # the rest adds counts only
+                    extra = count - (self._ft + self._minc + 1)
+                    seg.c += extra
+                    seg.f += extra if failed else 0
+                    seg.s += extra if slow else 0
+                    seg.tail = seg.tail + extra if failed else 0
+        return seg
 
     def done(self, gen: int, counts: tuple[int, int, int, int] | None
              ) -> tuple[bool, bool, list[Callable[[], None]]]:
         """The call in flight returned (or was lost). `counts` are the shared counters
-        right after it (None: unknown). Re-projects what is still pending. Returns (more is
-        pending, the projection still trips, the flush waiters to notify once the reply
-        is installed)."""
+        right after it (None: unknown). Returns (more is pending, the projection of what
+        is still pending trips, the flush waiters to notify once the reply is
+        installed)."""
         with self._lock:
             self.applied += self.sent
             self.sent = 0
             self.busy = False
             if counts is None or min(counts) < 0:
                 counts = (0, 0, 0, 0) if gen != self.gen else self.base
+            if gen != self.gen:
+                self.pend = self._segs_at(gen)
             self.gen, self.base = gen, counts
-            self.c, self.f, self.s, self.cf = counts
-            self.tripped = False
-            for g, code, _ in self.pending:
-                if code != 4 and g == gen:
-                    self._project(code)
+            self.sent_seg = _Seg()
+            pend = self.pend
+            self.tripped = (pend.f > 0 or pend.s > 0) and self._trips(pend.f > 0, pend.s > 0)
             fire = [n for t, n in self.waiters if t <= self.applied]
             if fire:
                 self.waiters = [(t, n) for t, n in self.waiters if t > self.applied]
             return bool(self.pending), self.tripped, fire
+
+    def _segs_at(self, gen: int) -> _Seg:
+        old, self.gen = self.gen, gen
+        try:
+            return self._segs(self.pending)
+        finally:
+            self.gen = old
 
     def adopt(self, gen: int, counts: tuple[int, int, int, int] | None) -> None:
         """A newer generation was seen: project onto its counters (a transition's new
         window is empty)."""
         with self._lock:
             if gen > self.gen:
+                self.pend = self._segs_at(gen)
+                self.sent_seg = _Seg()
                 self.gen = gen
                 self.base = counts if counts is not None and min(counts) >= 0 else (0, 0, 0, 0)
-                self.c, self.f, self.s, self.cf = self.base
                 self.tripped = False
-                for g, code, _ in self.pending:
-                    if code != 4 and g == gen:
-                        self._project(code)
 
 
 class ThreadWriter:

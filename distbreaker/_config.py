@@ -94,7 +94,7 @@ class CircuitBreakerConfig:
     ignore_exceptions: tuple[type[BaseException], ...] = ()
     is_failure_result: Callable[[Any], bool] | None = field(default=None, compare=False)
     consistency: Literal["strict", "batched"] = "strict"
-    max_batch: int = 256
+    max_batch: int = 1024
     redis_timeout: float = 0.05
     on_redis_error: Literal["local", "allow", "deny"] = "local"
 

@@ -25,7 +25,15 @@ from ._errors import CircuitOpenError, StoreUnavailableError
 from ._failsafe import StoreGuard, guard_for
 from ._keys import DEFAULT_PREFIX, BreakerKeys, channel_for, validate_name, validate_prefix
 from ._model import BreakerModel
-from ._ops import Code, Push, Reply, ScriptCall, argv_prefix, decode_reply
+from ._ops import (
+    Code,
+    Push,
+    Reply,
+    ScriptCall,
+    argv_prefix,
+    decode_reply,
+    record_outcomes,
+)
 from ._sync import Hub, hub_for
 from .events import Listener, RejectionEvent, StoreEvent, TransitionEvent
 from .metrics import CircuitBreakerMetrics, FleetWindow, _Counters
@@ -36,6 +44,8 @@ __all__ = ["BreakerCore", "LocalSnapshot", "Permit", "StateChangeHook"]
 log = logging.getLogger("distbreaker")
 
 _monotonic = time.monotonic
+_sleep = time.sleep
+_YIELD_EVERY_S = 0.001
 _perf = time.perf_counter
 _INF = math.inf
 _CLOSED, _OPEN, _HALF_OPEN = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
@@ -126,6 +136,7 @@ class BreakerCore:
         self._admit_from = -_INF
         self._seq = 0  # bumped on every install: a background refresh yields to newer news
         self._snap_at = -_INF  # when the snapshot was last confirmed (short replies too)
+        self._yield_at = _INF  # a listener thread needs the GIL now and then: see is_available
         self._lock = threading.Lock()
         self._counters = _Counters()
         self._origin = secrets.token_hex(4)  # tells this object's own pushed messages
@@ -155,8 +166,17 @@ class BreakerCore:
 
         False while OPEN (until the open period ends), while forced open, and while
         HALF_OPEN once this process knows every probe permit is taken.
+
+        At most once a millisecond it also lets go of the GIL for a moment, so that the
+        listener thread can apply a trip that has arrived even when the caller polls in a
+        loop that never releases the GIL (otherwise it would wait for the interpreter's
+        5 ms switch interval, several times over on a busy machine).
         """
-        return _monotonic() >= self._admit_from
+        now = _monotonic()
+        if now >= self._yield_at:
+            self._yield_at = now + _YIELD_EVERY_S
+            _sleep(0)
+        return now >= self._admit_from
 
     def get_state(self) -> CircuitState:
         """The effective state (override included) as this process last saw it."""
@@ -173,15 +193,17 @@ class BreakerCore:
         if s.closed:
             return Permit(s.generation, "", not s.forced)
         now = _monotonic()
-        if now < self._admit_from:
-            self._reject(s.state, s.forced, now)
+        admit_from = self._admit_from
+        if now < admit_from:
+            # inline: this is the rejection path of every call while OPEN
+            retry = None if s.forced == "open" else admit_from - now
+            if retry == _INF:  # held by batched mode's projection: the open period to come
+                retry = self.config.recovery_timeout
+            if self._listeners or self._local is not None:
+                self._raise_rejected(s.state, retry)
+            self._counters.reject()
+            raise CircuitOpenError(self.name, s.state, retry)
         return None
-
-    def _reject(self, state: CircuitState, forced: str, now: float) -> NoReturn:
-        retry = None if forced == "open" else max(self._admit_from - now, 0.0)
-        if retry == _INF:  # held by batched mode's projection: the open period to come
-            retry = self.config.recovery_timeout
-        self._raise_rejected(state, retry)
 
     def _raise_rejected(self, state: CircuitState, retry: float | None) -> NoReturn:
         self._counters.reject()
@@ -408,10 +430,7 @@ class BreakerCore:
         out = b.take(self.config.max_batch) if b is not None else None
         if not out:
             return None
-        args: list[str | int | float] = ["c"]
-        for gen, code, ra in out:
-            args += (gen, code, "", ra)
-        return self._call("record", *args)
+        return self._call("record", "r", ";".join(f"{g},{c},{r},{n}" for g, c, r, n in out))
 
     def _batch_done(self, call: ScriptCall, raw: Any) -> tuple[bool, list[tuple[Any, ...]]]:
         """Apply the writer's reply; returns (more is pending, events to fire)."""
@@ -438,7 +457,7 @@ class BreakerCore:
         """The writer's call failed in a way the fallback could not absorb, or was
         interrupted: its outcomes are dropped (never sent twice). Returns more pending."""
         assert self._batch is not None
-        lost = (len(call.args) - 7) // 4
+        lost = len(record_outcomes(call.args))
         self._counters.add("lost", lost)
         b = self._batch
         more, _, waiters = b.done(b.gen, None)
@@ -456,8 +475,12 @@ class BreakerCore:
         return more
 
     def _after_record(self, call: ScriptCall, raw: Any) -> list[tuple[Any, ...]]:
-        # outcome groups start at args[7]; the code is the second item of each
-        sent = sum(1 for i in range(8, len(call.args), 4) if call.args[i] != _NONE)
+        a = call.args
+        if len(a) > 7 and a[6] == "r":  # compact runs 'gen,code,ra,count;...'
+            sent = sum(int(r.rsplit(",", 1)[1]) for r in str(a[7]).split(";")
+                       if r and r.split(",", 2)[1] != "4")
+        else:  # outcome groups start at args[7]; the code is the second item of each
+            sent = sum(1 for i in range(8, len(a), 4) if a[i] != _NONE)
         if len(raw) == 3 or len(raw) == 7:  # short reply: still plainly CLOSED
             counted, gen, now_ms = int(raw[0]), int(raw[1]), int(raw[2])
             if sent > counted:
@@ -531,6 +554,7 @@ class BreakerCore:
             self._guard.add(self)
         self._hub = hub_for(hub_kind, backend, self.channel)
         self._hub.add(self)
+        self._yield_at = -_INF if getattr(self._hub, "THREADED", False) else _INF
 
     def _detach(self) -> None:
         self._attached = None  # closed: a forked child does not re-attach it either

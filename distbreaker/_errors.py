@@ -19,15 +19,19 @@ class CircuitOpenError(CircuitBreakerError):
     breaker is half-open and every probe permit is taken).
     """
 
+    # Raised on every rejected call, so it is cheap to make: the message is built only
+    # when someone reads it.
     def __init__(self, name: str, state: CircuitState, retry_after: float | None) -> None:
         self.name = name
         self.state = state
         self.retry_after = retry_after
-        if retry_after is None:
+
+    def __str__(self) -> str:
+        if self.retry_after is None:
             when = "held open by an operator override"
         else:
-            when = f"retry after {retry_after:.3f}s"
-        super().__init__(f"circuit breaker {name!r} is {state.value}: {when}")
+            when = f"retry after {self.retry_after:.3f}s"
+        return f"circuit breaker {self.name!r} is {self.state.value}: {when}"
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.name, self.state, self.retry_after))
@@ -36,7 +40,5 @@ class CircuitOpenError(CircuitBreakerError):
 class StoreUnavailableError(CircuitOpenError):
     """Redis is unavailable and the breaker's `on_redis_error` policy is ``"deny"``."""
 
-    def __init__(self, name: str, state: CircuitState, retry_after: float | None) -> None:
-        super().__init__(name, state, retry_after)
-        self.args = (f"circuit breaker {name!r}: Redis is unavailable and on_redis_error is "
-                     f"'deny'",)
+    def __str__(self) -> str:
+        return f"circuit breaker {self.name!r}: Redis is unavailable and on_redis_error is 'deny'"

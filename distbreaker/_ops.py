@@ -23,6 +23,7 @@ __all__ = [
     "decode_push",
     "decode_reply",
     "effective_state",
+    "record_outcomes",
 ]
 
 
@@ -73,6 +74,19 @@ def build_call(
     args = argv_prefix(cfg.script_arg, fp, channel, keys.name)
     args += [rnd, "" if now_ms is None else now_ms, *extra]
     return ScriptCall(op, keys.all, args)
+
+
+def record_outcomes(args: Sequence[Any]) -> list[tuple[int, int, str, int]]:
+    """The outcomes a record call carries, in order: (generation, code, lease,
+    retry_after_ms), from groups of four or from a compact batch."""
+    if len(args) > 7 and args[6] == "r":
+        out: list[tuple[int, int, str, int]] = []
+        for run in str(args[7]).split(";") if args[7] else ():
+            g, c, r, n = (int(x) for x in run.split(","))
+            out += [(g, c, "", r)] * n
+        return out
+    return [(int(args[i]), int(args[i + 1]), str(args[i + 2]), int(args[i + 3]))
+            for i in range(7, len(args), 4)]
 
 
 def _s(v: Any) -> str:

@@ -109,6 +109,8 @@ class _Outage:
 class ThreadHub(Hub):
     """A daemon thread with one pub/sub connection for every breaker on one sync client."""
 
+    THREADED = True  # its breakers' is_available() lets it have the GIL now and then
+
     def __init__(self, client: Any, channel: str) -> None:
         super().__init__(channel)
         self._user_client = client

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -76,21 +77,22 @@ class CircuitBreakerMetrics:
 class _Counters:
     """Thread-safe process-local counters with a bounded latency sample ring."""
 
-    __slots__ = ("_i", "_lat", "_lock", "batches", "failed", "ignored", "lost", "probes",
-                 "rejected", "slow", "stale", "state_changes", "successful", "timeouts",
+    __slots__ = ("_i", "_lat", "_lock", "_rejected", "batches", "failed", "ignored", "lost",
+                 "probes",
+                 "slow", "stale", "state_changes", "successful", "timeouts",
                  "total")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._lat: list[float] = []
         self._i = 0
-        self.total = self.successful = self.failed = self.rejected = 0
+        self.total = self.successful = self.failed = 0
+        self._rejected = itertools.count()
         self.slow = self.timeouts = self.ignored = self.stale = self.state_changes = 0
         self.probes = self.batches = self.lost = 0
 
     def reject(self) -> None:
-        with self._lock:
-            self.rejected += 1
+        next(self._rejected)  # atomic without the lock: this runs on every rejected call
 
     def outcome(self, failed: bool | None, duration: float, slow: bool, timeout: bool) -> None:
         with self._lock:
@@ -108,6 +110,10 @@ class _Counters:
             else:
                 self._lat[self._i] = duration
                 self._i = (self._i + 1) % _LAT_RING
+
+    @property
+    def rejected(self) -> int:
+        return int(self._rejected.__reduce__()[1][0])
 
     def add(self, attr: str, n: int = 1) -> None:
         with self._lock:
@@ -130,6 +136,7 @@ class _Counters:
         with self._lock:
             self._lat.clear()
             self._i = 0
-            self.total = self.successful = self.failed = self.rejected = 0
+            self.total = self.successful = self.failed = 0
+            self._rejected = itertools.count()
             self.slow = self.timeouts = self.ignored = self.stale = self.state_changes = 0
             self.probes = self.batches = self.lost = 0

@@ -270,28 +270,81 @@ local function window_view()
   return window_time(false)
 end
 
--- Adds one outcome (failed, slow) to the window and returns the new totals.
-local function window_add(failed, slow)
+-- Writing to the window: open it once per call, push outcomes in memory, close it once.
+-- A batch of outcomes then costs one read and one write, not two calls per outcome.
+local function window_open()
   local W
   if CFG.count then
     W = window_count()
-    local slot = tostring(W.h)
+    W.set, W.old = {}, {}
+  else
+    W = window_time(true)
+  end
+  return W
+end
+
+-- Count window: the codes of the slots that `n` more outcomes will overwrite, read in one
+-- HMGET (only slots that hold an outcome and were not written in this call).
+local function prefetch(W, n)
+  local want = {}
+  local m = math.min(n, CFG.wn)
+  for j = 0, m - 1 do
+    local slot = (W.h + j) % CFG.wn
+    if W.c + j >= CFG.wn and W.set[slot] == nil and W.old[slot] == nil then
+      want[#want + 1] = tostring(slot)
+    end
+  end
+  for from = 1, #want, 1000 do  -- in chunks: unpack() has a stack limit
+    local part = {unpack(want, from, math.min(from + 999, #want))}
+    local got = redis.call('HMGET', K_WIN, unpack(part))
+    for i, f in ipairs(part) do W.old[tonumber(f)] = num(got[i], 0) end
+  end
+end
+
+-- Adds `n` equal outcomes (failed, slow) to the window's totals.
+local function window_push(W, failed, slow, n)
+  W.dirty = true
+  if not CFG.count then
+    W.c, W.bc = W.c + n, W.bc + n
+    if failed then W.f, W.bf = W.f + n, W.bf + n end
+    if slow then W.s, W.bs = W.s + n, W.bs + n end
+    return
+  end
+  if n > 1 or W.c >= CFG.wn then prefetch(W, n) end
+  local code = 0
+  if failed then code = 1 end
+  if slow then code = code + 2 end
+  for _ = 1, n do
+    local slot = W.h
     if W.c >= CFG.wn then
-      local old = num(redis.call('HGET', K_WIN, slot), 0)
+      local old = W.set[slot]
+      if old == nil then old = W.old[slot] or 0 end
       if old == 1 or old == 3 then W.f = W.f - 1 end
       if old >= 2 then W.s = W.s - 1 end
     else
       W.c = W.c + 1
     end
-    local code = 0
-    if failed then W.f = W.f + 1; code = 1 end
-    if slow then W.s = W.s + 1; code = code + 2 end
-    redis.call('HSET', K_WIN, 'n', W.c, 'h', (W.h + 1) % CFG.wn, 'f', W.f, 's', W.s, slot, code)
+    if failed then W.f = W.f + 1 end
+    if slow then W.s = W.s + 1 end
+    W.set[slot] = code
+    W.h = (W.h + 1) % CFG.wn
+  end
+end
+
+local function window_close(W)
+  if not W.dirty then return end
+  if CFG.count then
+    local a = {'n', W.c, 'h', W.h, 'f', W.f, 's', W.s}
+    for slot, code in pairs(W.set) do
+      a[#a + 1] = tostring(slot)
+      a[#a + 1] = code
+      if #a >= 2000 then  -- in chunks: unpack() has a stack limit
+        redis.call('HSET', K_WIN, unpack(a))
+        a = {}
+      end
+    end
+    if #a > 0 then redis.call('HSET', K_WIN, unpack(a)) end
   else
-    W = window_time(true)
-    W.c, W.bc = W.c + 1, W.bc + 1
-    if failed then W.f, W.bf = W.f + 1, W.bf + 1 end
-    if slow then W.s, W.bs = W.s + 1, W.bs + 1 end
     redis.call('HSET', K_WIN, 'e', W.ep, 'c', W.c, 'f', W.f, 's', W.s,
       'c' .. W.i, W.bc, 'f' .. W.i, W.bf, 's' .. W.i, W.bs)
   end
@@ -299,7 +352,6 @@ local function window_add(failed, slow)
     redis.call('HSET', K_WIN, 'k', WTAG)
     redis.call('PEXPIRE', K_WIN, CFG.ttl)
   end
-  return W
 end
 
 -- Removes expired leases; returns how many are active and when the first one ends.

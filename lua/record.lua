@@ -1,15 +1,17 @@
 -- record: apply an ordered batch of outcomes and evaluate the trip / close rules.
 -- KEYS, ARGV[1..6]: see _lib.lua.
--- ARGV[7]  'c': the short reply also carries the window counts (batched mode projects
---          onto them); '' otherwise
--- ARGV[8..]  groups of four per outcome:
---            generation it was admitted under; code (0 ok, 1 failed, 2 slow ok,
---            3 slow failed, 4 no outcome: only give the lease back); lease id or '';
---            retry_after_ms from the provider (0 = none), the open period if it trips
+-- ARGV[7]  '' : ARGV[8..] are groups of four per outcome:
+--                 generation it was admitted under; code (0 ok, 1 failed, 2 slow ok,
+--                 3 slow failed, 4 no outcome: only give the lease back); lease id or '';
+--                 retry_after_ms from the provider (0 = none), the open period if it trips
+--          'c': the same, and the short reply also carries the window counts
+--          'r': ARGV[8] is a batch of outcomes without leases, as runs of equal ones:
+--               'gen,code,retry_after_ms,count;...' (batched mode: one short argument
+--               instead of four per outcome); the short reply carries the window counts
 -- Returns: the common reply; decision = how many outcomes counted (the rest were stale:
 --          older generation, override active, or no outcome). When the breaker is still
 --          plainly CLOSED (no transition, no override, no lease returned, nothing repaired)
---          only {counted, generation, now_ms}, or with ARGV[7] = 'c'
+--          only {counted, generation, now_ms}, or with ARGV[7] = 'c' or 'r'
 --          {counted, generation, now_ms, window calls, failures, slow, consecutive_failures}.
 -- An outcome of an older generation never drives a transition.
 
@@ -19,9 +21,7 @@ local function main()
   local counted = 0
   local freed = false
 
-  for a = 8, #ARGV, 4 do
-    local gen, code, lease, ra = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), ARGV[a + 2],
-      num(ARGV[a + 3], 0)
+  local function apply(gen, code, lease, ra)
     if lease ~= '' and lease ~= nil then
       local ok, r = pcall(redis.call, 'ZREM', K_PROBES, lease)
       if ok and r == 1 then freed = true end
@@ -31,7 +31,8 @@ local function main()
       local failed = code == 1 or code == 3
       local slow = code >= 2
       if S.state == 'closed' then
-        W = window_add(failed, slow)
+        if not W then W = window_open() end
+        window_push(W, failed, slow, 1)
         if failed then
           S.cf = S.cf + 1
           S.dirty = true
@@ -63,6 +64,31 @@ local function main()
     end
   end
 
+  local mode = ARGV[7]
+  if mode == 'r' then
+    for g, c, r, n in string.gmatch(ARGV[8] or '', '(%d+),(%d+),(%d+),(%d+)') do
+      g, c, r = tonumber(g), tonumber(c), tonumber(r)
+      n = tonumber(n)
+      if c == 0 and n > 0 and g == S.gen and S.forced == '' and S.state == 'closed' then
+        -- plain successes: they cannot trip a rule, so they go in at once
+        if not W then W = window_open() end
+        window_push(W, false, false, n)
+        counted = counted + n
+        if S.cf ~= 0 then
+          S.cf = 0
+          S.dirty = true
+        end
+      else
+        for _ = 1, n do apply(g, c, '', r) end
+      end
+    end
+  else
+    for a = 8, #ARGV, 4 do
+      apply(tonumber(ARGV[a]), tonumber(ARGV[a + 1]), ARGV[a + 2], num(ARGV[a + 3], 0))
+    end
+  end
+
+  if W then window_close(W) end
   save(S)
   if S.from ~= '' then
     publish(S, 't')
@@ -70,7 +96,7 @@ local function main()
     publish(S, 'p')
   end
   if S.from == '' and NOTE == '' and S.state == 'closed' and S.forced == '' and not freed then
-    if ARGV[7] ~= 'c' then
+    if mode ~= 'c' and mode ~= 'r' then
       return {counted, S.gen, NOW}  -- the common case: still plainly CLOSED, nothing else to say
     end
     if not W then W = window_view() end

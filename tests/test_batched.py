@@ -31,6 +31,7 @@ from distbreaker import (
     CircuitOpenError,
     CircuitState,
 )
+from distbreaker._ops import record_outcomes
 from distbreaker.stores import MemoryStore
 
 from redis_server import RedisServer
@@ -93,7 +94,7 @@ class Spy:
             with self.lock:
                 self.inflight += 1
                 self.max_inflight = max(self.max_inflight, self.inflight)
-                self.sizes.append((len(call.args) - 7) // 4)
+                self.sizes.append(len(record_outcomes(call.args)))
             self.entered.set()
             try:
                 self.gate.wait(10)

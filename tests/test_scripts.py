@@ -43,6 +43,10 @@ def _random_call(rng: random.Random, i: int, now: int, gen: int, leases: list[st
     if op == "acquire":
         extra = [f"l{i}"]
         leases.append(extra[0])
+    elif op == "record" and rng.random() < 0.3:  # batched mode's compact runs
+        runs = [(max(0, gen - rng.choice([0, 0, 0, 1])), rng.choice([0, 0, 1, 1, 2, 3]),
+                 rng.choice([0, 0, 2500]), rng.choice([1, 1, 2, 7])) for _ in range(3)]
+        extra = ["r", ";".join(",".join(map(str, r)) for r in runs)]
     elif op == "record":
         extra = [rng.choice(["", "c"])]
         for _ in range(rng.choice([1, 1, 1, 2, 5])):

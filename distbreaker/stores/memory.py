@@ -7,15 +7,18 @@ the store's lock is released.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from .._model import BreakerModel, ModelConfig
-from .._ops import ScriptCall
+from .._ops import ScriptCall, record_outcomes
 
 __all__ = ["AsyncMemoryStore", "MemoryStore"]
+
+_parse = functools.lru_cache(maxsize=256)(ModelConfig.parse)
 
 Subscriber = Callable[[str], None]
 
@@ -37,15 +40,12 @@ class MemoryStore:
             now = int(a[5]) if a[5] != "" else self._clock()
             m = self._models.setdefault(call.keys[0], BreakerModel())
             msgs: list[str] = []
-            cfg = ModelConfig.parse(cfg_s)
+            cfg = _parse(cfg_s)
             if call.op == "acquire":
                 reply, msgs = m.acquire(cfg, fp, name, rnd, now, str(a[6]))
             elif call.op == "record":
-                groups = [
-                    (int(a[i]), int(a[i + 1]), str(a[i + 2]), int(a[i + 3]))
-                    for i in range(7, len(a), 4)
-                ]
-                reply, msgs = m.record(cfg, fp, name, rnd, now, groups, a[6] == "c")
+                reply, msgs = m.record(cfg, fp, name, rnd, now, record_outcomes(a),
+                                       a[6] in ("c", "r"))
             elif call.op == "snapshot":
                 reply = m.snapshot(cfg, now)
             elif call.op == "force":

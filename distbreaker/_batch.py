@@ -15,9 +15,13 @@ at once.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
+import math
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -66,25 +70,9 @@ class OutcomeBatch:
     briefly; none does I/O.
     """
 
-    __slots__ = (
-        "_frt",
-        "_ft",
-        "_lock",
-        "_minc",
-        "_srt",
-        "_wn",
-        "applied",
-        "base",
-        "busy",
-        "gen",
-        "pend",
-        "pending",
-        "recorded",
-        "sent",
-        "sent_seg",
-        "tripped",
-        "waiters",
-    )
+    __slots__ = ("_frt", "_ft", "_linger", "_lock", "_minc", "_srt", "_wn", "applied", "base",
+                 "busy", "first_at", "gen", "pend", "pending", "recorded", "sent",
+                 "sent_seg", "tripped", "urgent", "waiters")
 
     def __init__(self, cfg: CircuitBreakerConfig) -> None:
         self._ft = cfg.failure_threshold
@@ -92,6 +80,7 @@ class OutcomeBatch:
         self._srt = cfg.slow_call_rate_threshold
         self._minc = cfg.minimum_calls
         self._wn = int(cfg.window_size) if cfg.window_type == "count" else 0
+        self._linger = cfg.batch_linger
         self.reset()
 
     def reset(self) -> None:
@@ -110,6 +99,8 @@ class OutcomeBatch:
         self.sent_seg = _Seg()
         self.pend = _Seg()
         self.tripped = False
+        self.first_at = math.inf  # when the oldest pending outcome was handed in
+        self.urgent = False  # send without waiting for the linger: flush() or a trip
 
     # -- the projection --------------------------------------------------------------------
 
@@ -139,6 +130,8 @@ class OutcomeBatch:
         """Queue one outcome. Returns (wake the writer, the projection trips now)."""
         with self._lock:
             p = self.pending
+            if not p:
+                self.first_at = time.monotonic() if self._linger else 0.0
             if p and p[-1][0] == gen and p[-1][1] == code and p[-1][2] == retry_after_ms:
                 p[-1][3] += 1
             else:
@@ -151,8 +144,24 @@ class OutcomeBatch:
             self.pend.add(failed, slow)
             trips = (failed or slow) and self._trips(failed, slow)
             if trips:
-                self.tripped = True
+                self.tripped = self.urgent = True
             return wake, trips
+
+    def hurry(self) -> None:
+        """Send what is pending without waiting for the linger (flush())."""
+        with self._lock:
+            if self.pending:
+                self.urgent = True
+
+    def due(self) -> float:
+        """When (monotonic) the pending outcomes are to be sent; inf: nothing to send
+        (none pending, or a call in flight whose return sends the rest)."""
+        with self._lock:
+            if self.busy or not self.pending:
+                return math.inf
+            if self.urgent:
+                return 0.0
+            return self.first_at + self._linger
 
     def outstanding(self) -> int:
         """How many outcomes handed in are not applied yet."""
@@ -171,9 +180,13 @@ class OutcomeBatch:
 
     def take(self, limit: int) -> list[Run] | None:
         """Runs of at most `limit` outcomes for the next call, or None if a call is in
-        flight or none wait."""
+        flight, none wait, or they wait for the linger (see `due`)."""
         with self._lock:
             if self.busy or not self.pending:
+                return None
+            if (self._linger and not self.urgent
+                    and self.recorded - self.applied < limit
+                    and time.monotonic() < self.first_at + self._linger):
                 return None
             out: list[Run] = []
             n = 0
@@ -190,6 +203,8 @@ class OutcomeBatch:
                     n = limit
             self.busy = True
             self.sent = n
+            if not p:
+                self.first_at, self.urgent = math.inf, False
             if p:  # part of the pending outcomes stays pending: project them apart
                 self.sent_seg, self.pend = self._segs(out), self._segs(p)
             else:
@@ -261,6 +276,8 @@ class ThreadWriter:
         self._cond = threading.Condition()
         self._ready: deque[CircuitBreaker] = deque()
         self._queued: set[int] = set()
+        self._timed: list[tuple[float, int, CircuitBreaker]] = []  # (due, seq, breaker)
+        self._seq = itertools.count()
         self._thread: threading.Thread | None = None
 
     @property
@@ -278,20 +295,37 @@ class ThreadWriter:
                                                 daemon=True)
                 self._thread.start()
 
+    def wake_at(self, breaker: CircuitBreaker, due: float) -> None:
+        """Wake `breaker` at monotonic time `due` (batched mode's linger)."""
+        with self._cond:
+            heapq.heappush(self._timed, (due, next(self._seq), breaker))
+            self._cond.notify()
+
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._ready:
-                    self._cond.wait()
+                while True:
+                    now = time.monotonic()
+                    while self._timed and self._timed[0][0] <= now:
+                        b = heapq.heappop(self._timed)[2]
+                        if id(b) not in self._queued:
+                            self._queued.add(id(b))
+                            self._ready.append(b)
+                    if self._ready:
+                        break
+                    self._cond.wait(self._timed[0][0] - now if self._timed else None)
                 b = self._ready.popleft()
                 self._queued.discard(id(b))
             try:
-                more = b._flush_once()
+                b._flush_once()
+                due = b._batch_due()
             except Exception:  # never let one breaker stop the writer
                 log.exception("distbreaker writer failed", extra={"breaker": b.name})
-                more = False
-            if more:
+                continue
+            if due <= time.monotonic():
                 self.wake(b)
+            elif due < math.inf:
+                self.wake_at(b, due)
 
 
 _writer: list[Any] = [None, -1]  # (ThreadWriter, pid it belongs to)

@@ -95,6 +95,7 @@ class CircuitBreakerConfig:
     is_failure_result: Callable[[Any], bool] | None = field(default=None, compare=False)
     consistency: Literal["strict", "batched"] = "strict"
     max_batch: int = 1024
+    batch_linger: float = 0.0
     redis_timeout: float = 0.05
     on_redis_error: Literal["local", "allow", "deny"] = "local"
 
@@ -169,6 +170,7 @@ class CircuitBreakerConfig:
                 f"consistency must be 'strict' or 'batched', got {self.consistency!r}"
             )
         _check_int("max_batch", self.max_batch, 1, 10_000)
+        _check_float("batch_linger", self.batch_linger, 0.0, 1.0)
         arg = self._encode()
         object.__setattr__(self, "_script_arg", arg)
         object.__setattr__(self, "_fingerprint", hashlib.sha1(arg.encode()).hexdigest()[:12])

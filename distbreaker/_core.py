@@ -402,7 +402,7 @@ class BreakerCore:
             wake, trips = b.add(permit.generation, int(code), ra)
             if trips:
                 self._hold(permit.generation)
-            if wake:
+            if wake or trips:
                 self._wake()
             return None
         return self._call("record", "", permit.generation, int(code), permit.lease, ra)
@@ -431,6 +431,10 @@ class BreakerCore:
         if not out:
             return None
         return self._call("record", "r", ";".join(f"{g},{c},{r},{n}" for g, c, r, n in out))
+
+    def _batch_due(self) -> float:
+        """When (monotonic) the writer should send this breaker's pending outcomes."""
+        return self._batch.due() if self._batch is not None else _INF
 
     def _batch_done(self, call: ScriptCall, raw: Any) -> tuple[bool, list[tuple[Any, ...]]]:
         """Apply the writer's reply; returns (more is pending, events to fire)."""

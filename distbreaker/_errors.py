@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ._config import CircuitState
 
 __all__ = ["CircuitBreakerError", "CircuitOpenError", "StoreUnavailableError"]
@@ -19,12 +21,25 @@ class CircuitOpenError(CircuitBreakerError):
     breaker is half-open and every probe permit is taken).
     """
 
-    # Raised on every rejected call, so it is cheap to make: the message is built only
-    # when someone reads it.
-    def __init__(self, name: str, state: CircuitState, retry_after: float | None) -> None:
-        self.name = name
-        self.state = state
-        self.retry_after = retry_after
+    # Raised on every rejected call, so it is cheap to make: the fields live in `args`
+    # (set in C by the base class) and the message is built only when someone reads it.
+    args: tuple[str, CircuitState, float | None]
+
+    if TYPE_CHECKING:  # the constructor is BaseException's, in C
+        def __init__(self, name: str, state: CircuitState,
+                     retry_after: float | None) -> None: ...
+
+    @property
+    def name(self) -> str:
+        return self.args[0]
+
+    @property
+    def state(self) -> CircuitState:
+        return self.args[1]
+
+    @property
+    def retry_after(self) -> float | None:
+        return self.args[2]
 
     def __str__(self) -> str:
         if self.retry_after is None:

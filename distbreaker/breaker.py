@@ -13,6 +13,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -257,8 +258,9 @@ class CircuitBreaker(BreakerCore, CircuitBreakerInterface[Any]):
         thread_writer().wake(self)
 
     def _flush_once(self) -> bool:
-        """Send one batch of pending outcomes, if none is in flight; returns whether more
-        are pending. Runs in the writer thread (or inline, see `flush`)."""
+        """Send one batch of pending outcomes, if one is due and none is in flight;
+        returns whether more are pending. Runs in the writer thread (or inline, see
+        `flush`)."""
         call = self._batch_take()
         if call is None:
             return False
@@ -277,6 +279,8 @@ class CircuitBreaker(BreakerCore, CircuitBreakerInterface[Any]):
         b = self._batch
         if b is None or b.outstanding() == 0:
             return True
+        b.hurry()
+        self._wake()
         w = thread_writer().thread
         if w is None or not w.is_alive() or w is threading.current_thread():
             return self._drain_inline(timeout)
@@ -289,6 +293,8 @@ class CircuitBreaker(BreakerCore, CircuitBreakerInterface[Any]):
         """Send pending outcomes from this thread (no writer: interpreter exit, a forked
         child, or the writer itself asking)."""
         b = self._batch
+        if b is not None:
+            b.hurry()
         deadline = None if timeout is None else time.monotonic() + timeout
         while b is not None and b.outstanding() > 0:
             if deadline is not None and time.monotonic() >= deadline:
@@ -395,6 +401,7 @@ class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
             self._attach(AsyncHub, redis, redis)
         self._background: set[asyncio.Future[Any]] = set()
         self._drainer: asyncio.Task[None] | None = None
+        self._urgent_evt: asyncio.Event | None = None
 
     async def call(
         self, fn: Callable[P, Awaitable[R]], *args: P.args, **kwargs: P.kwargs
@@ -525,8 +532,11 @@ class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
         (called from the loop's thread: no await between the check and the start)."""
         t = self._drainer
         if t is None or t.done():
+            self._urgent_evt = None  # an Event belongs to the loop that first waits on it
             self._drainer = asyncio.get_running_loop().create_task(
                 self._drain(), name=f"distbreaker-writer-{self.name}")
+        elif self._urgent_evt is not None:
+            self._urgent_evt.set()
 
     async def _drain(self) -> None:
         """Send pending outcomes, one call at a time, until none are left. Cancelled (the
@@ -536,7 +546,21 @@ class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
         while True:
             call = self._batch_take()
             if call is None:
-                break
+                due = self._batch_due()
+                if due == math.inf:
+                    break
+                try:  # the linger: wait for more outcomes, or for flush() / a trip
+                    evt = self._urgent_evt = self._urgent_evt or asyncio.Event()
+                    await asyncio.wait_for(evt.wait(), max(0.0, due - time.monotonic()))
+                except asyncio.TimeoutError:
+                    pass
+                except asyncio.CancelledError:
+                    cancelled = True
+                    if self._batch is not None:
+                        self._batch.hurry()
+                if self._urgent_evt is not None:
+                    self._urgent_evt.clear()
+                continue
             try:
                 _, events = self._batch_done(call, await self._run(call))
             except asyncio.CancelledError:
@@ -570,8 +594,8 @@ class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
 
         if not b.wait(notify):
             return True
-        if b.pending:
-            self._wake()
+        b.hurry()
+        self._wake()
         try:
             await asyncio.wait_for(asyncio.shield(fut), timeout)
         except asyncio.TimeoutError:

@@ -8,6 +8,7 @@ and a Redis outage. The fleet-wide bounds with 8 processes are in test_multiproc
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import subprocess
@@ -188,6 +189,66 @@ def test_flush_timeout_and_strict_flush() -> None:
     spy.gate.set()
     assert b.flush(10) is True
     b.close()
+
+
+def test_linger_coalesces_and_flush_cuts_it_short(redis_client: redis.Redis) -> None:
+    n = name()
+    b = CircuitBreaker(n, CircuitBreakerConfig(**{**BATCHED, "batch_linger": 0.5}),
+                       redis=redis_client)
+    spy = Spy(b)
+    for _ in range(200):
+        b.call(ok)
+    assert spy.sizes == []  # lingering: nothing sent yet
+    deadline = time.monotonic() + 5
+    while window(redis_client, n).get("c") != "200" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert spy.sizes == [200]  # one script call for the whole linger
+    for _ in range(30):
+        b.call(ok)
+    assert b.flush(10)  # does not wait for the linger
+    assert spy.sizes == [200, 30] and window(redis_client, n)["c"] == "230"
+    b.close()
+
+
+def test_linger_does_not_delay_a_trip(redis_client: redis.Redis) -> None:
+    n = name()
+    b = CircuitBreaker(n, CircuitBreakerConfig(**{**BATCHED, "batch_linger": 1.0}),
+                       redis=redis_client)
+    t0 = time.monotonic()
+    for _ in range(20):
+        with contextlib.suppress(Boom):
+            b.call(boom)
+    assert not b.is_available()
+    while state(redis_client, n).get("state") != "open" and time.monotonic() - t0 < 5:
+        time.sleep(0.005)
+    assert state(redis_client, n)["state"] == "open"
+    assert time.monotonic() - t0 < 0.9  # sent when the projection tripped, not at 1 s
+    b.close()
+
+
+async def test_async_linger(redis_server: RedisServer) -> None:
+    r = aredis.Redis(port=redis_server.port)
+    sync_r = redis_server.client()
+    n = name()
+    b = AsyncCircuitBreaker(n, CircuitBreakerConfig(**{**BATCHED, "batch_linger": 0.3}),
+                            redis=r)
+
+    async def aok() -> int:
+        return 1
+
+    for _ in range(100):
+        await b.call(aok)
+    assert window(sync_r, n).get("c") is None
+    await asyncio.sleep(0.6)
+    assert window(sync_r, n)["c"] == "100"
+    assert (await b.get_metrics()).batches == 1
+    for _ in range(10):
+        await b.call(aok)
+    assert await b.flush(10)
+    assert window(sync_r, n)["c"] == "110"
+    await b.close()
+    await r.aclose()
+    sync_r.close()
 
 
 # -- projection --------------------------------------------------------------------------
@@ -489,6 +550,8 @@ def test_config_validation() -> None:
         CircuitBreakerConfig(consistency="eventual")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"max_batch must be in \[1, 10000\]"):
         CircuitBreakerConfig(max_batch=0)
+    with pytest.raises(ValueError, match=r"batch_linger must be in \[0, 1\]"):
+        CircuitBreakerConfig(batch_linger=2)
     # the write path is per process: it does not change the shared config's fingerprint
     assert (CircuitBreakerConfig(consistency="batched").fingerprint
             == CircuitBreakerConfig().fingerprint)

@@ -242,10 +242,21 @@ def peer_subjects(port: int, want_async: bool) -> tuple[list[Subject], list[str]
 # -- measuring --------------------------------------------------------------------------------
 
 
-def _commands(stats: fp.CmdStats, before: dict[str, tuple[int, int]]) -> int:
+# Commands that other subjects send from their own background threads, whenever they
+# run (interlock-cb polls its state once a second): not counted against the subject
+# being measured. distbreaker never sends them on a call's path.
+BACKGROUND = frozenset({"hgetall", "hello"})
+
+
+def _commands(stats: fp.CmdStats, before: dict[str, tuple[int, int]],
+              into: dict[str, int] | None = None) -> int:
     d = fp.CmdDelta()
     d.add(before, stats.snap())
-    return sum(d.client_sent().values())
+    sent = d.client_sent()
+    if into is not None:
+        for k, v in sent.items():
+            into[k] = into.get(k, 0) + v
+    return sum(v for k, v in sent.items() if k not in BACKGROUND)
 
 
 async def _run(fn: Callable[[], Any], is_async: bool) -> Any:
@@ -282,7 +293,10 @@ async def measure(subjects: list[Subject], stats: fp.CmdStats, plan: Plan) -> No
             await _run(s.ok, s.is_async)
         if s.flush is not None:
             await _run(s.flush, s.is_async)
+    # let each listener finish its on-subscribe refresh: none may land inside a block
+    await asyncio.sleep(0.3)
     cmds = {s.name: 0 for s in subjects}
+    by_name: dict[str, dict[str, int]] = {s.name: {} for s in subjects}
     for _ in range(plan.blocks):
         for s in subjects:
             before = stats.snap()
@@ -300,12 +314,13 @@ async def measure(subjects: list[Subject], stats: fp.CmdStats, plan: Plan) -> No
                     buf[i] = (pc() - t) / 1000.0
             if s.flush is not None:
                 await _run(s.flush, s.is_async)
-            cmds[s.name] += _commands(stats, before)
+            cmds[s.name] += _commands(stats, before, by_name[s.name])
             s.samples += buf
     n_ok = plan.blocks * plan.ok_ops
     for s in subjects:
         s.res["ok"] = fp.summary(s.samples)
         s.res["ok_commands_per_call"] = cmds[s.name] / n_ok
+        s.res["ok_commands_by_name"] = by_name[s.name]  # background polls included
         if s.check is not None:
             before = stats.snap()
             s.res["check"] = await _time_loop(s.check, s.is_async, plan.loop_ops,
@@ -418,11 +433,15 @@ def memory(port: int, plan: Plan) -> dict[str, Any]:
                 done += k
                 b._now_ms += step_ms
         b.refresh()
-        record(10, 1, 6000)  # one outcome per 6 s bucket: the window at its full shape
+        # 10 outcomes, one per 6 s bucket: the time window at its full shape. Then N
+        # outcomes at a steady rate over 10 windows' worth of test time (N/10 of them
+        # fill the window once), so that N/10 and N compare like with like.
+        record(10, 1, 6000)
         small = usage()
-        record(plan.memory_outcomes // 10 - 10, 1000, 100)
+        step = max(1, 600_000 * 1000 // plan.memory_outcomes)  # ms per call of 1,000
+        record(plan.memory_outcomes // 10 - 10, 1000, step)
         tenth = usage()
-        record(plan.memory_outcomes - plan.memory_outcomes // 10, 1000, 100)
+        record(plan.memory_outcomes - plan.memory_outcomes // 10, 1000, step)
         big = usage()
         out[label] = {"after_10": small, "after_tenth": tenth, "after_n": big,
                       "n": plan.memory_outcomes,
@@ -460,11 +479,18 @@ def scale(port: int, plan: Plan) -> dict[str, Any]:
             for b in bs:
                 b.flush(60)
             cmds = _commands(stats, before)
+            sample = bs[:: max(1, n // 100)]
+            redis_bytes = statistics.fmean(
+                sum(int(admin.memory_usage(k, samples=0) or 0) for k in b.keys.all)
+                for b in sample)
             out[f"{mode} x{n}"] = {
                 "breakers": n, "mode": mode, "us_per_call": el, "calls": calls,
                 "commands_per_outcome": cmds / calls,
-                "process_bytes_per_breaker": (_rss() - rss0) / n,
-                "redis_bytes_per_breaker": (int(admin.info("memory")["used_memory"]) - mem0) / n,
+                # RSS moves in pages: meaningless for a single breaker
+                "process_bytes_per_breaker": (_rss() - rss0) / n if n >= 100 else math.nan,
+                "redis_bytes_per_breaker": redis_bytes,
+                "redis_used_memory_delta_per_breaker":
+                    (int(admin.info("memory")["used_memory"]) - mem0) / n,
                 "construct_s": build_s,
             }
             for b in bs:
@@ -612,7 +638,9 @@ def render(r: dict[str, Any], groups: dict[str, list[Subject]]) -> str:
         notes = [f"- {s.name}: {s.note}" for s in subs if s.note]
         if notes:
             add("")
-            add("How each uses Redis (commands counted with INFO commandstats):")
+            add("How each uses Redis (commands counted with INFO commandstats around each "
+                "subject's blocks; interlock-cb's once-a-second HGETALL poll, sent by its "
+                "own thread whenever it runs, is not counted against the other subjects):")
             add("")
             L.extend(notes)
     fpr, ho = r["fast_path"], r["half_open"]
@@ -660,17 +688,20 @@ def render(r: dict[str, Any], groups: dict[str, list[Subject]]) -> str:
             f"| {x['n']:,} |")
     add("")
     add("The 10 outcomes of the time window are one per bucket, so the window already has "
-        "its full shape; a count window holds one field per slot, so it grows until its "
-        "ring is full (window_size slots) and not after.")
+        "its full shape; the N outcomes then arrive at a steady rate over ten windows of "
+        "test time, so after N/10 the window is full once and after N ten times over. The "
+        "counts are stored as decimal integers, so a window holding more calls takes a few "
+        "bytes more; a count window holds one field per slot, so it grows until its ring "
+        "is full (window_size slots) and not after.")
     add("")
     add("## Cost per outcome with many breakers (one process, calls spread over them)")
     add("")
     add("| breakers | mode | us per call | Redis commands per outcome | process bytes per "
-        "breaker | Redis bytes per breaker |")
+        "breaker | Redis bytes per breaker (MEMORY USAGE of its keys) |")
     add("| ---: | --- | ---: | ---: | ---: | ---: |")
     for x in r["scale"].values():
         add(f"| {x['breakers']:,} | {x['mode']} | {x['us_per_call']:.2f} | "
-            f"{x['commands_per_outcome']:.3f} | {x['process_bytes_per_breaker']:,.0f} | "
+            f"{x['commands_per_outcome']:.3f} | {_fmt(x['process_bytes_per_breaker'])} | "
             f"{x['redis_bytes_per_breaker']:,.0f} |")
     add("")
     add("Plots: `latency.png` (successful guarded calls), `propagation.png` (trip "

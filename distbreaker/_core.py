@@ -45,7 +45,7 @@ log = logging.getLogger("distbreaker")
 
 _monotonic = time.monotonic
 _sleep = time.sleep
-_YIELD_EVERY_S = 0.001
+_YIELD_EVERY_S = 0.0005
 _perf = time.perf_counter
 _INF = math.inf
 _CLOSED, _OPEN, _HALF_OPEN = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
@@ -167,7 +167,7 @@ class BreakerCore:
         False while OPEN (until the open period ends), while forced open, and while
         HALF_OPEN once this process knows every probe permit is taken.
 
-        At most once a millisecond it also lets go of the GIL for a moment, so that the
+        At most every half millisecond it also lets go of the GIL for a moment, so that the
         listener thread can apply a trip that has arrived even when the caller polls in a
         loop that never releases the GIL (otherwise it would wait for the interpreter's
         5 ms switch interval, several times over on a busy machine).
@@ -395,17 +395,18 @@ class BreakerCore:
         self._counters.outcome(failed, duration, slow, timeout)
         if not permit.record and not permit.lease:
             return None
-        code = Code.NONE if failed is None else Code.of(failed, slow)
+        # plain ints (Code's values): building an enum member costs more than the rest
+        code = _NONE if failed is None else (2 if slow else 0) + (1 if failed else 0)
         ra = 0 if not retry_after or retry_after <= 0 else max(1, round(retry_after * 1000))
         b = self._batch
         if b is not None and not permit.lease:  # a probe's outcome is always sent at once
-            wake, trips = b.add(permit.generation, int(code), ra)
+            wake, trips = b.add(permit.generation, code, ra)
             if trips:
                 self._hold(permit.generation)
             if wake or trips:
                 self._wake()
             return None
-        return self._call("record", "", permit.generation, int(code), permit.lease, ra)
+        return self._call("record", "", permit.generation, code, permit.lease, ra)
 
     # -- batched mode -----------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from ._config import CircuitBreakerConfig
@@ -70,7 +70,8 @@ class OutcomeBatch:
     briefly; none does I/O.
     """
 
-    __slots__ = ("_frt", "_ft", "_linger", "_lock", "_minc", "_srt", "_wn", "applied", "base",
+    __slots__ = ("_frt", "_ft", "_limit", "_linger", "_lock", "_minc", "_srt", "_wn", "applied",
+                 "base",
                  "busy", "first_at", "gen", "pend", "pending", "recorded", "sent",
                  "sent_seg", "tripped", "urgent", "waiters")
 
@@ -81,12 +82,13 @@ class OutcomeBatch:
         self._minc = cfg.minimum_calls
         self._wn = int(cfg.window_size) if cfg.window_type == "count" else 0
         self._linger = cfg.batch_linger
+        self._limit = cfg.max_batch
         self.reset()
 
     def reset(self) -> None:
         """Start empty (also in a forked child: the parent sends its own outcomes)."""
         self._lock = threading.Lock()
-        self.pending: list[Run] = []
+        self.pending: deque[Run] = deque()
         self.sent = 0  # outcomes in the call in flight
         self.busy = False  # a call is in flight
         self.recorded = 0  # outcomes handed in so far
@@ -137,7 +139,9 @@ class OutcomeBatch:
             else:
                 p.append([gen, code, retry_after_ms, 1])
             self.recorded += 1
-            wake = not self.busy and self.recorded - self.applied == 1
+            n = self.recorded - self.applied
+            # the first outcome of an idle breaker, or (lingering) a full batch
+            wake = (not self.busy and n == 1) or (self._linger > 0 and n == self._limit)
             if code == 4 or gen != self.gen:
                 return wake, False
             failed, slow = code == 1 or code == 3, code >= 2
@@ -159,7 +163,7 @@ class OutcomeBatch:
         with self._lock:
             if self.busy or not self.pending:
                 return math.inf
-            if self.urgent:
+            if self.urgent or self.recorded - self.applied >= self._limit:
                 return 0.0
             return self.first_at + self._linger
 
@@ -175,6 +179,11 @@ class OutcomeBatch:
                 return False
             self.waiters.append((self.recorded, notify))
             return True
+
+    def unwait(self, notify: Callable[[], None]) -> None:
+        """Forget a waiter (its flush() timed out)."""
+        with self._lock:
+            self.waiters = [(t, n) for t, n in self.waiters if n != notify]
 
     # -- the writer's side -----------------------------------------------------------------
 
@@ -194,7 +203,7 @@ class OutcomeBatch:
             while p and n < limit:
                 run = p[0]
                 if n + run[3] <= limit:
-                    out.append(p.pop(0))
+                    out.append(p.popleft())
                     n += run[3]
                 else:
                     k = limit - n
@@ -205,13 +214,19 @@ class OutcomeBatch:
             self.sent = n
             if not p:
                 self.first_at, self.urgent = math.inf, False
-            if p:  # part of the pending outcomes stays pending: project them apart
-                self.sent_seg, self.pend = self._segs(out), self._segs(p)
-            else:
                 self.sent_seg, self.pend = self.pend, _Seg()
+            else:
+                # part stays pending: split the sums in O(batch), not O(backlog). The rest
+                # keeps the pending tail (it is the newest part) and loses what was sent.
+                sent = self._segs(out)
+                rest = self.pend
+                rest.c, rest.f, rest.s = (max(0, rest.c - sent.c), max(0, rest.f - sent.f),
+                                          max(0, rest.s - sent.s))
+                rest.tail = min(rest.tail, rest.c)
+                self.sent_seg, self.pend = sent, rest
             return out
 
-    def _segs(self, runs: list[Run]) -> _Seg:
+    def _segs(self, runs: Iterable[Run]) -> _Seg:
         seg = _Seg()
         for gen, code, _, count in runs:
             if code != 4 and gen == self.gen:
@@ -236,14 +251,17 @@ class OutcomeBatch:
             self.applied += self.sent
             self.sent = 0
             self.busy = False
-            if counts is None or min(counts) < 0:
-                counts = (0, 0, 0, 0) if gen != self.gen else self.base
-            if gen != self.gen:
-                self.pend = self._segs_at(gen)
-            self.gen, self.base = gen, counts
+            if gen >= self.gen:  # a reply overtaken by a newer generation's push: no base
+                if counts is None or min(counts) < 0:
+                    counts = (0, 0, 0, 0) if gen != self.gen else self.base
+                if gen != self.gen:
+                    self.pend = self._segs_at(gen)
+                self.gen, self.base = gen, counts
             self.sent_seg = _Seg()
             pend = self.pend
             self.tripped = (pend.f > 0 or pend.s > 0) and self._trips(pend.f > 0, pend.s > 0)
+            if self.tripped and self.pending:
+                self.urgent = True  # what is still pending trips: send it without lingering
             fire = [n for t, n in self.waiters if t <= self.applied]
             if fire:
                 self.waiters = [(t, n) for t, n in self.waiters if t > self.applied]
@@ -290,7 +308,7 @@ class ThreadWriter:
                 self._queued.add(id(breaker))
                 self._ready.append(breaker)
                 self._cond.notify()
-            if self._thread is None:
+            if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name="distbreaker-writer",
                                                 daemon=True)
                 self._thread.start()
@@ -318,9 +336,11 @@ class ThreadWriter:
                 self._queued.discard(id(b))
             try:
                 b._flush_once()
-                due = b._batch_due()
-            except Exception:  # never let one breaker stop the writer
+            except BaseException:  # never let one breaker (or a hook) stop the writer
                 log.exception("distbreaker writer failed", extra={"breaker": b.name})
+            try:
+                due = b._batch_due()
+            except Exception:
                 continue
             if due <= time.monotonic():
                 self.wake(b)

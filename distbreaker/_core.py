@@ -294,7 +294,7 @@ class BreakerCore:
             m.forced = "open"
         else:
             m.forced = s.forced
-            if not s.forced and s.state is not _CLOSED:
+            if not s.forced and s.state is not _CLOSED and not self._is_held():
                 m.state = s.state.value
                 if s.state is _OPEN and math.isfinite(self._admit_from):
                     left = max(self._admit_from - _monotonic(), 0.0)
@@ -402,7 +402,7 @@ class BreakerCore:
         if b is not None and not permit.lease:  # a probe's outcome is always sent at once
             wake, trips = b.add(permit.generation, code, ra)
             if trips:
-                self._hold(permit.generation)
+                self._apply_hold()
             if wake or trips:
                 self._wake()
             return None
@@ -414,16 +414,34 @@ class BreakerCore:
         """Tell the writer this breaker has outcomes pending; the shell provides it."""
         raise NotImplementedError
 
-    def _hold(self, gen: int) -> None:
-        """The projection trips: admit nothing at `gen` until a reply says otherwise."""
+    def _apply_hold(self) -> None:
+        """Make the snapshot agree with the batch's projection: while it trips, admit
+        nothing at its generation; once it does not, lift the hold. The projection is read
+        under the snapshot lock, and every change of it (a caller's outcome, a reply) is
+        followed by a call here from the same thread, so the last call sees the last
+        word, however the threads interleave."""
+        b = self._batch
+        if b is None:
+            return
         with self._lock:
+            want = b.gen if b.tripped else -1
             s = self._snap
-            if s.generation != gen or not s.closed:
-                return
-            self._held_gen = gen
-            self._snap = LocalSnapshot(_OPEN, "", gen, s.server_ms, s.at, False)
-            self._admit_from = _INF
-            self._seq += 1
+            held, self._held_gen = self._held_gen, want
+            if want >= 0:
+                if s.generation == want and s.closed and not s.forced:
+                    self._snap = LocalSnapshot(_OPEN, "", want, s.server_ms, s.at, False)
+                    self._admit_from = _INF
+                    self._seq += 1
+            elif (held >= 0 and s.generation == held and not s.closed and not s.forced
+                    and self._admit_from == _INF):
+                # lift our own hold: back to the CLOSED snapshot it covered
+                self._snap = LocalSnapshot(_CLOSED, "", held, s.server_ms, s.at, True)
+                self._admit_from = -_INF
+                self._seq += 1
+
+    def _is_held(self) -> bool:
+        s = self._snap
+        return self._held_gen >= 0 and s.generation == self._held_gen and not s.closed
 
     def _batch_take(self) -> ScriptCall | None:
         """The next record call of pending outcomes (None: none, or one is in flight)."""
@@ -450,12 +468,17 @@ class BreakerCore:
             counts = (r.calls, r.failures, r.slow, r.consecutive_failures)
         b = self._batch
         more, _, waiters = b.done(gen, counts)
-        with self._lock:  # a caller's _hold may have raced in since: b.tripped has it
-            self._held_gen = gen if b.tripped else -1
+        # The reply is applied: from here on nothing may raise into the writer, or the
+        # batch would be counted again as lost.
+        self._apply_hold()
         self._counters.add("batches")
-        events = self._after_record(call, raw)
-        for notify in waiters:
-            notify()
+        try:
+            events = self._after_record(call, raw)
+        except Exception:
+            log.exception("distbreaker: could not apply a batch reply",
+                          extra={"breaker": self.name})
+            events = []
+        _notify_all(waiters)
         return more, events
 
     def _batch_lost(self, call: ScriptCall) -> bool:
@@ -466,17 +489,8 @@ class BreakerCore:
         self._counters.add("lost", lost)
         b = self._batch
         more, _, waiters = b.done(b.gen, None)
-        with self._lock:
-            held, self._held_gen = self._held_gen, (b.gen if b.tripped else -1)
-            s = self._snap
-            if (held >= 0 and self._held_gen < 0 and s.generation == held and not s.closed
-                    and not s.forced):
-                # lift our own hold: back to the CLOSED snapshot it covered
-                self._snap = LocalSnapshot(_CLOSED, "", held, s.server_ms, s.at, True)
-                self._admit_from = -_INF
-                self._seq += 1
-        for notify in waiters:
-            notify()
+        self._apply_hold()
+        _notify_all(waiters)
         return more
 
     def _after_record(self, call: ScriptCall, raw: Any) -> list[tuple[Any, ...]]:
@@ -681,6 +695,14 @@ def _reinit_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_reinit_after_fork)
+
+
+def _notify_all(waiters: list[Callable[[], None]]) -> None:
+    for notify in waiters:
+        try:
+            notify()
+        except Exception:  # e.g. a flush() whose event loop is gone
+            log.debug("distbreaker: a flush waiter could not be notified", exc_info=True)
 
 
 def _retry_after_of(exc: BaseException) -> float | None:

@@ -279,28 +279,41 @@ class CircuitBreaker(BreakerCore, CircuitBreakerInterface[Any]):
         b = self._batch
         if b is None or b.outstanding() == 0:
             return True
-        b.hurry()
-        self._wake()
         w = thread_writer().thread
         if w is None or not w.is_alive() or w is threading.current_thread():
             return self._drain_inline(timeout)
         done = threading.Event()
         if not b.wait(done.set):
             return True
-        return done.wait(timeout)
+        b.hurry()  # after wait(): everything it waits for is sent without lingering
+        self._wake()
+        if done.wait(timeout):
+            return True
+        b.unwait(done.set)
+        return False
 
     def _drain_inline(self, timeout: float | None) -> bool:
         """Send pending outcomes from this thread (no writer: interpreter exit, a forked
         child, or the writer itself asking)."""
         b = self._batch
-        if b is not None:
-            b.hurry()
+        if b is None:
+            return True
+        target = b.recorded  # what was recorded when asked, not what keeps coming
+        own = thread_writer().thread is threading.current_thread()
         deadline = None if timeout is None else time.monotonic() + timeout
-        while b is not None and b.outstanding() > 0:
+        while b.applied < target:
+            b.hurry()
+            if self._flush_once():
+                continue
+            if b.applied >= target:
+                break
+            if own and b.busy:
+                # asked from inside the writer's own call (a listener of this breaker):
+                # that call cannot finish while we wait for it
+                return False
             if deadline is not None and time.monotonic() >= deadline:
                 return False
-            if not self._flush_once() and b.outstanding() > 0:
-                time.sleep(0.001)  # a call is in flight from the writer thread
+            time.sleep(0.001)  # a call is in flight from the writer thread
         return True
 
     async def aflush(self, timeout: float | None = None) -> bool:
@@ -531,7 +544,7 @@ class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
         """Start this breaker's drain task on the running loop unless one is running
         (called from the loop's thread: no await between the check and the start)."""
         t = self._drainer
-        if t is None or t.done():
+        if t is None or t.done() or t.get_loop() is not asyncio.get_running_loop():
             self._urgent_evt = None  # an Event belongs to the loop that first waits on it
             self._drainer = asyncio.get_running_loop().create_task(
                 self._drain(), name=f"distbreaker-writer-{self.name}")
@@ -576,6 +589,13 @@ class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
         if cancelled:
             raise asyncio.CancelledError
 
+    def _after_fork(self) -> None:
+        super()._after_fork()
+        # the parent's tasks belong to its event loop, which does not run here
+        self._drainer = None
+        self._urgent_evt = None
+        self._background = set()
+
     async def flush(self, timeout: float | None = None) -> bool:
         """Wait until every outcome recorded so far is applied in Redis (batched mode).
         Returns False on timeout."""
@@ -599,6 +619,7 @@ class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
         try:
             await asyncio.wait_for(asyncio.shield(fut), timeout)
         except asyncio.TimeoutError:
+            b.unwait(notify)
             return False
         return True
 

@@ -210,6 +210,35 @@ def test_linger_coalesces_and_flush_cuts_it_short(redis_client: redis.Redis) -> 
     b.close()
 
 
+def test_linger_sends_a_full_batch_at_once(redis_client: redis.Redis) -> None:
+    n = name()
+    b = CircuitBreaker(n, CircuitBreakerConfig(**{**BATCHED, "batch_linger": 1.0,
+                                                  "max_batch": 10}), redis=redis_client)
+    spy = Spy(b)
+    t0 = time.monotonic()
+    for _ in range(35):
+        b.call(ok)
+    while len(spy.sizes) < 3 and time.monotonic() - t0 < 5:
+        time.sleep(0.005)
+    assert spy.sizes[:3] == [10, 10, 10]
+    assert time.monotonic() - t0 < 0.9  # full batches do not wait for the linger
+    assert b.flush(10) and sum(spy.sizes) == 35
+    b.close()
+
+
+def test_flush_timeout_forgets_its_waiter() -> None:
+    b = CircuitBreaker("w", CircuitBreakerConfig(**BATCHED), redis=MemoryStore())
+    spy = Spy(b)
+    spy.gate.clear()
+    b.call(ok)
+    assert spy.entered.wait(10)
+    assert b.flush(0.05) is False
+    assert b._batch is not None and b._batch.waiters == []
+    spy.gate.set()
+    assert b.flush(10)
+    b.close()
+
+
 def test_linger_does_not_delay_a_trip(redis_client: redis.Redis) -> None:
     n = name()
     b = CircuitBreaker(n, CircuitBreakerConfig(**{**BATCHED, "batch_linger": 1.0}),
@@ -464,6 +493,43 @@ def test_fork_child_does_not_send_the_parents_outcomes(redis_client: redis.Redis
     assert b.flush(10)
     assert window(redis_client, n)["c"] == "42"  # 30 from the parent, 12 from the child
     b.close()
+
+
+@pytest.mark.multiprocess
+def test_async_breaker_in_a_forked_child_sends_its_outcomes(redis_server: RedisServer,
+                                                            redis_client: redis.Redis) -> None:
+    n = name()
+    b = AsyncCircuitBreaker(n, CircuitBreakerConfig(**{**BATCHED, "batch_linger": 0.3}),
+                            redis=aredis.Redis(port=redis_server.port))
+
+    async def aok() -> int:
+        await asyncio.sleep(0)
+        return 1
+
+    async def parent_calls() -> None:
+        await b.call(aok)  # leaves a lingering drain task behind on this loop
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(parent_calls())
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            async def child() -> bool:
+                b._store.client = aredis.Redis(port=redis_server.port)  # the parent's
+                # connections belong to its loop; a child uses a client of its own
+                for _ in range(5):
+                    await b.call(aok)
+                return await b.flush(5)
+            code = 0 if asyncio.run(child()) else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert loop.run_until_complete(b.flush(5))
+    loop.run_until_complete(b.close())
+    loop.close()
+    assert window(redis_client, n)["c"] == "6"
 
 
 # -- asyncio ---------------------------------------------------------------------------------

@@ -85,8 +85,12 @@ def _missing(e: Exception) -> str:
     msg = str(e)
     if "Function not found" in msg:
         return "function"
-    if msg.startswith("unknown command") or "NOPERM" in msg or "no permissions" in msg:
+    if msg.startswith("unknown command"):
         return "support"
+    low = msg.lower()
+    if ("noperm" in low or "no permissions" in low) and ("'fcall'" in low
+                                                          or "'function" in low):
+        return "support"  # the ACL allows scripts but not Functions
     return ""
 
 

@@ -601,6 +601,12 @@ class BreakerCore:
 
     def _apply_push(self, p: Push, recv: float) -> None:
         eff = p.to_state
+        s = self._snap
+        if (eff is _HALF_OPEN and p.event != "p" and s.generation == p.generation
+                and s.state is _HALF_OPEN and s.forced == p.forced):
+            # A late copy of a transition this process already learned from a reply,
+            # which also said whether a probe is free: the push would forget that.
+            return
         # our own transition is announced (local=True) from the script's reply instead
         news = (p.from_state is not p.to_state and p.generation > self._snap.generation
                 and p.origin != self._origin)

@@ -8,6 +8,7 @@ clock.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -22,6 +23,7 @@ from distbreaker import (
     CircuitState,
     MemoryStore,
 )
+from distbreaker._ops import decode_push
 
 T0 = 1_700_000_000_000
 
@@ -244,6 +246,30 @@ def test_half_open_admits_probes_fleet_wide_then_closes(make: Factory) -> None:
         ("svc", CircuitState.OPEN, CircuitState.HALF_OPEN),
         ("svc", CircuitState.HALF_OPEN, CircuitState.CLOSED),
     ]
+
+
+def test_a_late_transition_push_does_not_forget_that_no_probe_is_free(
+    make: Factory,
+) -> None:
+    """With Redis, the OPEN -> HALF_OPEN message of another process can arrive after this
+    process's own rejected acquire (which said: no probe left); it must not make the
+    breaker look available again. A probe-freed message does."""
+    a = make(cfg=cfg(half_open_max_calls=1))
+    b = make(cfg=cfg(half_open_max_calls=1))
+    trip(a)
+    at(10_000, a, b)
+    with a.protect() as permit:
+        assert permit.is_probe
+        rejected(b)
+        s = b.snapshot
+        late = decode_push(f"v1 t open half_open {s.generation} 0 {s.server_ms} - x svc")
+        assert late is not None
+        b._apply_push(late, time.monotonic())
+        assert not b.is_available()
+        freed = decode_push(f"v1 p half_open half_open {s.generation} 0 {s.server_ms} - x svc")
+        assert freed is not None
+        b._apply_push(freed, time.monotonic())
+        assert b.is_available()
 
 
 def test_half_open_failure_reopens_with_backoff_capped(make: Factory) -> None:

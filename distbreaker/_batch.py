@@ -49,16 +49,17 @@ class _Seg:
         self.c = self.f = self.s = self.tail = 0
         self.reset = False
 
-    def add(self, failed: bool, slow: bool) -> None:
-        self.c += 1
+    def add(self, failed: bool, slow: bool, n: int = 1) -> None:
+        """Add `n` equal outcomes."""
+        self.c += n
         if failed:
-            self.f += 1
-            self.tail += 1
+            self.f += n
+            self.tail += n
         else:
             self.tail = 0
             self.reset = True
         if slow:
-            self.s += 1
+            self.s += n
 
 
 class OutcomeBatch:
@@ -72,7 +73,7 @@ class OutcomeBatch:
 
     __slots__ = ("_frt", "_ft", "_limit", "_linger", "_lock", "_minc", "_srt", "_wn", "applied",
                  "base",
-                 "busy", "first_at", "gen", "pend", "pending", "recorded", "sent",
+                 "first_at", "gen", "pend", "pending", "recorded", "sent",
                  "sent_seg", "tripped", "urgent", "waiters")
 
     def __init__(self, cfg: CircuitBreakerConfig) -> None:
@@ -89,8 +90,7 @@ class OutcomeBatch:
         """Start empty (also in a forked child: the parent sends its own outcomes)."""
         self._lock = threading.Lock()
         self.pending: deque[Run] = deque()
-        self.sent = 0  # outcomes in the call in flight
-        self.busy = False  # a call is in flight
+        self.sent = 0  # outcomes in the call in flight (0: none in flight)
         self.recorded = 0  # outcomes handed in so far
         self.applied = 0  # outcomes whose call returned (counted, stale, or lost)
         self.waiters: list[tuple[int, Callable[[], None]]] = []
@@ -103,6 +103,11 @@ class OutcomeBatch:
         self.tripped = False
         self.first_at = math.inf  # when the oldest pending outcome was handed in
         self.urgent = False  # send without waiting for the linger: flush() or a trip
+
+    @property
+    def busy(self) -> bool:
+        """A call is in flight (every call carries at least one outcome)."""
+        return self.sent > 0
 
     # -- the projection --------------------------------------------------------------------
 
@@ -210,7 +215,6 @@ class OutcomeBatch:
                     out.append([run[0], run[1], run[2], k])
                     run[3] -= k
                     n = limit
-            self.busy = True
             self.sent = n
             if not p:
                 self.first_at, self.urgent = math.inf, False
@@ -218,7 +222,7 @@ class OutcomeBatch:
             else:
                 # part stays pending: split the sums in O(batch), not O(backlog). The rest
                 # keeps the pending tail (it is the newest part) and loses what was sent.
-                sent = self._segs(out)
+                sent = self._segs(out, self.gen)
                 rest = self.pend
                 rest.c, rest.f, rest.s = (max(0, rest.c - sent.c), max(0, rest.f - sent.f),
                                           max(0, rest.s - sent.s))
@@ -226,19 +230,13 @@ class OutcomeBatch:
                 self.sent_seg, self.pend = sent, rest
             return out
 
-    def _segs(self, runs: Iterable[Run]) -> _Seg:
+    @staticmethod
+    def _segs(runs: Iterable[Run], at_gen: int) -> _Seg:
+        """What the runs admitted under `at_gen` add (older ones are stale in Redis)."""
         seg = _Seg()
         for gen, code, _, count in runs:
-            if code != 4 and gen == self.gen:
-                failed, slow = code == 1 or code == 3, code >= 2
-                for _ in range(min(count, self._ft + self._minc + 1)):
-                    seg.add(failed, slow)
-                if count > self._ft + self._minc + 1:  # the rest adds counts only
-                    extra = count - (self._ft + self._minc + 1)
-                    seg.c += extra
-                    seg.f += extra if failed else 0
-                    seg.s += extra if slow else 0
-                    seg.tail = seg.tail + extra if failed else 0
+            if code != 4 and gen == at_gen:
+                seg.add(code == 1 or code == 3, code >= 2, count)
         return seg
 
     def done(self, gen: int, counts: tuple[int, int, int, int] | None
@@ -250,12 +248,11 @@ class OutcomeBatch:
         with self._lock:
             self.applied += self.sent
             self.sent = 0
-            self.busy = False
             if gen >= self.gen:  # a reply overtaken by a newer generation's push: no base
                 if counts is None or min(counts) < 0:
                     counts = (0, 0, 0, 0) if gen != self.gen else self.base
                 if gen != self.gen:
-                    self.pend = self._segs_at(gen)
+                    self.pend = self._segs(self.pending, gen)
                 self.gen, self.base = gen, counts
             self.sent_seg = _Seg()
             pend = self.pend
@@ -267,19 +264,12 @@ class OutcomeBatch:
                 self.waiters = [(t, n) for t, n in self.waiters if t > self.applied]
             return bool(self.pending), self.tripped, fire
 
-    def _segs_at(self, gen: int) -> _Seg:
-        old, self.gen = self.gen, gen
-        try:
-            return self._segs(self.pending)
-        finally:
-            self.gen = old
-
     def adopt(self, gen: int, counts: tuple[int, int, int, int] | None) -> None:
         """A newer generation was seen: project onto its counters (a transition's new
         window is empty)."""
         with self._lock:
             if gen > self.gen:
-                self.pend = self._segs_at(gen)
+                self.pend = self._segs(self.pending, gen)
                 self.sent_seg = _Seg()
                 self.gen = gen
                 self.base = counts if counts is not None and min(counts) >= 0 else (0, 0, 0, 0)

@@ -32,7 +32,6 @@ from ._ops import (
     ScriptCall,
     argv_prefix,
     decode_reply,
-    record_outcomes,
 )
 from ._sync import Hub, hub_for
 from .events import Listener, RejectionEvent, StoreEvent, TransitionEvent
@@ -393,10 +392,9 @@ class BreakerCore:
                                   extra={"breaker": self.name})
                     failed = True
         self._counters.outcome(failed, duration, slow, timeout)
-        if not permit.record and not permit.lease:
-            return None
-        # plain ints (Code's values): building an enum member costs more than the rest
-        code = _NONE if failed is None else (2 if slow else 0) + (1 if failed else 0)
+        if not permit.lease and (not permit.record or failed is None):
+            return None  # nothing for Redis: a forced-closed call, or no outcome and no lease
+        code = _NONE if failed is None else Code.of(failed, slow)
         ra = 0 if not retry_after or retry_after <= 0 else max(1, round(retry_after * 1000))
         b = self._batch
         if b is not None and not permit.lease:  # a probe's outcome is always sent at once
@@ -429,8 +427,7 @@ class BreakerCore:
             held, self._held_gen = self._held_gen, want
             if want >= 0:
                 if s.generation == want and s.closed and not s.forced:
-                    self._snap = LocalSnapshot(_OPEN, "", want, s.server_ms, s.at, False)
-                    self._admit_from = _INF
+                    self._snap, self._admit_from = _held(s), _INF
                     self._seq += 1
             elif (held >= 0 and s.generation == held and not s.closed and not s.forced
                     and self._admit_from == _INF):
@@ -467,13 +464,14 @@ class BreakerCore:
             gen = r.generation
             counts = (r.calls, r.failures, r.slow, r.consecutive_failures)
         b = self._batch
+        sent = b.sent
         more, _, waiters = b.done(gen, counts)
         # The reply is applied: from here on nothing may raise into the writer, or the
         # batch would be counted again as lost.
         self._apply_hold()
         self._counters.add("batches")
         try:
-            events = self._after_record(call, raw)
+            events = self._after_record(call, raw, sent)
         except Exception:
             log.exception("distbreaker: could not apply a batch reply",
                           extra={"breaker": self.name})
@@ -481,24 +479,32 @@ class BreakerCore:
         _notify_all(waiters)
         return more, events
 
-    def _batch_lost(self, call: ScriptCall) -> bool:
+    def _warn_unapplied(self, when: str) -> None:
+        n = self._batch.outstanding() if self._batch is not None else 0
+        log.warning("breaker %s: %d outcomes not applied %s", self.name, n, when,
+                    extra={"breaker": self.name, "event": "distbreaker.batch_lost"})
+
+    def _batch_lost(self, exc: BaseException) -> bool:
         """The writer's call failed in a way the fallback could not absorb, or was
-        interrupted: its outcomes are dropped (never sent twice). Returns more pending."""
-        assert self._batch is not None
-        lost = len(record_outcomes(call.args))
-        self._counters.add("lost", lost)
+        interrupted (`exc`): its outcomes are dropped, never sent twice. Returns whether
+        more are pending."""
         b = self._batch
+        assert b is not None
+        if isinstance(exc, Exception):
+            log.error("distbreaker: a batch of %d outcomes was lost", b.sent, exc_info=exc,
+                      extra={"breaker": self.name, "event": "distbreaker.batch_lost"})
+        self._counters.add("lost", b.sent)
         more, _, waiters = b.done(b.gen, None)
         self._apply_hold()
         _notify_all(waiters)
         return more
 
-    def _after_record(self, call: ScriptCall, raw: Any) -> list[tuple[Any, ...]]:
-        a = call.args
-        if len(a) > 7 and a[6] == "r":  # compact runs 'gen,code,ra,count;...'
-            sent = sum(int(r.rsplit(",", 1)[1]) for r in str(a[7]).split(";")
-                       if r and r.split(",", 2)[1] != "4")
-        else:  # outcome groups start at args[7]; the code is the second item of each
+    def _after_record(self, call: ScriptCall, raw: Any,
+                      sent: int | None = None) -> list[tuple[Any, ...]]:
+        """Apply a record (or operator) reply. `sent`: the outcomes the call carried, if
+        the caller knows (the writer does); else counted from its groups of four."""
+        if sent is None:  # outcome groups start at args[7]; the code is the second of each
+            a = call.args
             sent = sum(1 for i in range(8, len(a), 4) if a[i] != _NONE)
         if len(raw) == 3 or len(raw) == 7:  # short reply: still plainly CLOSED
             counted, gen, now_ms = int(raw[0]), int(raw[1]), int(raw[2])
@@ -642,10 +648,7 @@ class BreakerCore:
             ):
                 return
             if snap.closed and snap.generation == self._held_gen:
-                # batched mode's projection still trips: keep holding
-                snap = LocalSnapshot(_OPEN, "", snap.generation, snap.server_ms, snap.at,
-                                     False)
-                admit_from = _INF
+                snap, admit_from = _held(snap), _INF  # batched mode's projection trips
             self._snap = snap
             self._snap_at = snap.at
             self._admit_from = admit_from
@@ -701,6 +704,12 @@ def _reinit_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_reinit_after_fork)
+
+
+def _held(s: LocalSnapshot) -> LocalSnapshot:
+    """The snapshot of a hold: CLOSED in Redis, but this process's projection trips, so it
+    admits nothing (and reports OPEN, the state it expects)."""
+    return LocalSnapshot(_OPEN, "", s.generation, s.server_ms, s.at, False)
 
 
 def _notify_all(waiters: list[Callable[[], None]]) -> None:

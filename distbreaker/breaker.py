@@ -12,7 +12,6 @@ import atexit
 import contextlib
 import functools
 import inspect
-import logging
 import math
 import threading
 import time
@@ -38,7 +37,6 @@ __all__ = [
     "CircuitBreakerInterface",
 ]
 
-log = logging.getLogger("distbreaker")
 
 #: How long close() and interpreter exit wait for pending outcomes (batched mode).
 CLOSE_FLUSH_TIMEOUT_S = 5.0
@@ -266,10 +264,8 @@ class CircuitBreaker(BreakerCore, CircuitBreakerInterface[Any]):
             return False
         try:
             more, events = self._batch_done(call, self._run(call))
-        except Exception:
-            log.exception("distbreaker: a batch of outcomes was lost",
-                          extra={"breaker": self.name, "event": "distbreaker.batch_lost"})
-            return self._batch_lost(call)
+        except Exception as e:
+            return self._batch_lost(e)
         self._fire(events)
         return more
 
@@ -363,9 +359,7 @@ class CircuitBreaker(BreakerCore, CircuitBreakerInterface[Any]):
         """Send pending outcomes (batched mode), stop listening for this breaker and
         release its connections (the shared state in Redis stays). Idempotent."""
         if self._attached is not None and not self.flush(CLOSE_FLUSH_TIMEOUT_S):
-            log.warning("breaker %s closed with %d outcomes not applied", self.name,
-                        self._batch.outstanding() if self._batch is not None else 0,
-                        extra={"breaker": self.name, "event": "distbreaker.batch_lost"})
+            self._warn_unapplied("closed")
         client = self._attached[2] if self._attached is not None else None
         self._detach()
         if client is not None:
@@ -576,14 +570,9 @@ class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
                 continue
             try:
                 _, events = self._batch_done(call, await self._run(call))
-            except asyncio.CancelledError:
-                cancelled = True
-                self._batch_lost(call)
-                continue
-            except Exception:
-                log.exception("distbreaker: a batch of outcomes was lost",
-                              extra={"breaker": self.name, "event": "distbreaker.batch_lost"})
-                self._batch_lost(call)
+            except (Exception, asyncio.CancelledError) as e:
+                cancelled = cancelled or isinstance(e, asyncio.CancelledError)
+                self._batch_lost(e)
                 continue
             self._fire(events)
         if cancelled:
@@ -658,9 +647,7 @@ class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
         """Send pending outcomes (batched mode), stop listening for this breaker and
         release its connections. Idempotent."""
         if self._attached is not None and not await self.flush(CLOSE_FLUSH_TIMEOUT_S):
-            log.warning("breaker %s closed with %d outcomes not applied", self.name,
-                        self._batch.outstanding() if self._batch is not None else 0,
-                        extra={"breaker": self.name, "event": "distbreaker.batch_lost"})
+            self._warn_unapplied("closed")
         client = self._attached[2] if self._attached is not None else None
         self._detach()
         if client is not None:
@@ -690,10 +677,8 @@ def _flush_at_exit() -> None:
             with contextlib.suppress(Exception):
                 b._drain_inline(CLOSE_FLUSH_TIMEOUT_S)
         if batch.outstanding():
-            log.warning("breaker %s: %d outcomes not applied at exit (close() the breaker "
-                        "or flush() it before the event loop ends)", b.name,
-                        batch.outstanding(),
-                        extra={"breaker": b.name, "event": "distbreaker.batch_lost"})
+            b._warn_unapplied("at exit (close() the breaker or flush() it before the event "
+                              "loop ends)")
 
 
 atexit.register(_flush_at_exit)

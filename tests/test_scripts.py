@@ -7,6 +7,7 @@ on fakeredis and on a real Redis, and requires identical replies after every ste
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from pathlib import Path
@@ -147,6 +148,26 @@ def test_function_library_reloads_after_function_flush(redis_client: redis.Redis
     calls = redis_client.info("commandstats")
     assert calls["cmdstat_fcall"]["calls"] >= 2 and "cmdstat_evalsha" not in calls
     b.close()
+
+
+def test_an_ignored_outcome_sends_nothing(redis_client: redis.Redis) -> None:
+    """No outcome and no probe lease: nothing for Redis to do, so no round trip."""
+    cfg = CircuitBreakerConfig(ignore_exceptions=(KeyError,), max_staleness=60)
+    for consistency in ("strict", "batched"):
+        b = CircuitBreaker(f"ign-{consistency}", dataclasses.replace(
+            cfg, consistency=consistency), redis=redis_client)
+        b.call(lambda: 1)
+        assert b.flush(10)
+        before = redis_client.info("commandstats")["cmdstat_fcall"]["calls"]
+        for _ in range(20):
+            with b.protect() as permit:
+                permit.mark_ignored()
+            with pytest.raises(KeyError):
+                b.call(lambda: {}[0])
+        assert b.flush(10)
+        assert redis_client.info("commandstats")["cmdstat_fcall"]["calls"] == before
+        assert b.get_metrics().ignored_calls == 40
+        b.close()
 
 
 def test_scripts_where_functions_are_not_allowed(redis_server: RedisServer,

@@ -57,6 +57,20 @@ class _Packer:
         self._heads: dict[tuple[Any, ...], bytes] = {}
         self.functions = True
 
+    def reload_for(self, e: Exception, op: str) -> tuple[str, ...] | None:
+        """The command that loads what error reply `e` says is missing (first use on a
+        server, FUNCTION FLUSH, SCRIPT FLUSH, a restart), or None when `e` is a real error.
+        A server or user that cannot run Functions switches this packer to scripts."""
+        missing = _missing(e)
+        if missing == "support":
+            self.use_scripts()
+            missing = "script"
+        if missing == "function":
+            return ("FUNCTION", "LOAD", "REPLACE", function_library())
+        if missing == "script":
+            return ("SCRIPT", "LOAD", script_source(op))
+        return None
+
     def use_scripts(self) -> None:
         self._targets = {op: (b"EVALSHA", hashlib.sha1(script_source(op).encode())
                               .hexdigest().encode()) for op in OPS}
@@ -118,21 +132,16 @@ class RedisStore:
         try:
             return self._send(packer.pack(call))
         except redis.ResponseError as e:
-            missing = _missing(e)
-            if not missing:
+            load = packer.reload_for(e, call.op)
+            if load is None:
                 raise
-        # first use on this server, or after FUNCTION FLUSH / SCRIPT FLUSH / a restart
-        if missing == "function":
-            try:
-                self.client.function_load(function_library(), replace=True)
-            except redis.ResponseError as e:
-                if _missing(e) != "support":
-                    raise
-                missing = "support"
-        if missing == "support":
-            packer.use_scripts()
-        if missing == "script" or missing == "support":
-            self.client.script_load(script_source(call.op))
+        try:
+            self.client.execute_command(*load)
+        except redis.ResponseError as e:  # FUNCTION LOAD refused: scripts, then
+            load = packer.reload_for(e, call.op)
+            if load is None:
+                raise
+            self.client.execute_command(*load)
         return self._send(packer.pack(call))
 
     def _send(self, payload: bytes) -> Any:
@@ -166,20 +175,16 @@ class AsyncRedisStore:
         try:
             return await self._send(packer.pack(call))
         except redis.ResponseError as e:
-            missing = _missing(e)
-            if not missing:
+            load = packer.reload_for(e, call.op)
+            if load is None:
                 raise
-        if missing == "function":
-            try:
-                await self.client.function_load(function_library(), replace=True)
-            except redis.ResponseError as e:
-                if _missing(e) != "support":
-                    raise
-                missing = "support"
-        if missing == "support":
-            packer.use_scripts()
-        if missing == "script" or missing == "support":
-            await self.client.script_load(script_source(call.op))
+        try:
+            await self.client.execute_command(*load)
+        except redis.ResponseError as e:  # FUNCTION LOAD refused: scripts, then
+            load = packer.reload_for(e, call.op)
+            if load is None:
+                raise
+            await self.client.execute_command(*load)
         return await self._send(packer.pack(call))
 
     async def _send(self, payload: bytes) -> Any:

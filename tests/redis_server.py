@@ -37,8 +37,22 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
+        """Start (or restart, on the same port) the server. A first start whose free port
+        was taken in the meantime by another redis-server (another test run on this
+        machine) moves to a new port: answering PING is not enough, the server must be
+        the process we started."""
         if not os.path.exists(REDIS_SERVER):
             raise RuntimeError(f"redis-server not found at {REDIS_SERVER}: install it")
+        first = self.proc is None
+        for _attempt in range(5):
+            if self._spawn(timeout):
+                return self
+            if not first:
+                raise RuntimeError(f"port {self.port} is taken by another process")
+            self.port = free_port()
+        raise RuntimeError("could not start redis-server on a free port")
+
+    def _spawn(self, timeout: float) -> bool:
         self.proc = subprocess.Popen(
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", self.dir, "--protected-mode", "no", *self.extra],
@@ -46,13 +60,20 @@ class RedisServer:
         )
         deadline = time.monotonic() + timeout
         while True:
+            if self.proc.poll() is not None:
+                return False  # exited: most likely the port was taken
             try:
-                redis.Redis(port=self.port, socket_timeout=0.5).ping()
-                return self
+                with redis.Redis(port=self.port, socket_timeout=0.5) as c:
+                    pid = int(c.info("server")["process_id"])
+                if pid == self.proc.pid:
+                    return True
+                self.stop()  # someone else's server answers on this port
+                return False
             except redis.ConnectionError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
+                if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"redis-server did not start on port {self.port}") from None
+                    raise RuntimeError(
+                        f"redis-server did not start on port {self.port}") from None
                 time.sleep(0.02)
 
     def client(self, **kw: object) -> redis.Redis:

@@ -98,6 +98,8 @@ class CircuitBreakerConfig:
     batch_linger: float = 0.0
     redis_timeout: float = 0.05
     on_redis_error: Literal["local", "allow", "deny"] = "local"
+    failover_after: float = 0.5
+    redis_background_timeout: float = 5.0
 
     def __post_init__(self) -> None:
         _check_int("failure_threshold", self.failure_threshold, 1, 1_000_000)
@@ -161,6 +163,15 @@ class CircuitBreakerConfig:
                 f"is_failure_result must be a callable or None, got {self.is_failure_result!r}"
             )
         _check_float("redis_timeout", self.redis_timeout, 0.0, 60.0, lo_open=True)
+        _check_float("failover_after", self.failover_after, 0.0, 60.0, lo_open=True)
+        _check_float("redis_background_timeout", self.redis_background_timeout, 0.0, 300.0,
+                     lo_open=True)
+        if self.redis_background_timeout < self.redis_timeout:
+            raise ValueError(
+                f"redis_background_timeout ({self.redis_background_timeout!r}) must be >= "
+                f"redis_timeout ({self.redis_timeout!r}): it is how long a request whose "
+                "caller went on may still take"
+            )
         if self.on_redis_error not in ("local", "allow", "deny"):
             raise ValueError(
                 f"on_redis_error must be 'local', 'allow' or 'deny', got {self.on_redis_error!r}"

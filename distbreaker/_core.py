@@ -16,13 +16,12 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from ._batch import OutcomeBatch
 from ._config import CircuitBreakerConfig, CircuitState
 from ._errors import CircuitOpenError, StoreUnavailableError
-from ._failsafe import StoreGuard, guard_for
+from ._failsafe import StoreGuard, classify, guard_for, truncate
 from ._keys import DEFAULT_PREFIX, BreakerKeys, channel_for, validate_name, validate_prefix
 from ._model import BreakerModel
 from ._ops import (
@@ -32,13 +31,16 @@ from ._ops import (
     ScriptCall,
     argv_prefix,
     decode_reply,
+    record_outcomes,
 )
+from ._snapshot import LocalSnapshot, SnapshotCell
 from ._sync import Hub, hub_for
 from .events import Listener, RejectionEvent, StoreEvent, TransitionEvent
 from .metrics import CircuitBreakerMetrics, FleetWindow, _Counters
 from .stores.memory import MemoryStore
 
-__all__ = ["BreakerCore", "LocalSnapshot", "Permit", "StateChangeHook"]
+__all__ = ["BACKGROUND", "CALLER", "OPERATOR", "WRITER", "BreakerCore", "LocalSnapshot",
+           "Permit", "StateChangeHook"]
 
 log = logging.getLogger("distbreaker")
 
@@ -53,21 +55,20 @@ _NONE = int(Code.NONE)
 StateChangeHook = Callable[[str, CircuitState, CircuitState], Any]
 
 
-@dataclass(frozen=True)
-class LocalSnapshot:
-    """This process's view of the shared state, and when (local monotonic) it was current."""
-
-    state: CircuitState  # effective: the override wins
-    forced: str
-    generation: int
-    server_ms: int
-    at: float
-    closed: bool  # a call may be admitted without asking Redis
-    known: bool = True
+#: How a script call is run (see the shells' `_run`): a caller waits at most redis_timeout
+#: and its request may finish in the background; an operator action, the batched writer and
+#: the listener's re-reads wait up to redis_background_timeout. Only callers and the
+#: writer fall back to the local store; only background re-reads never move the guard.
+CALLER, OPERATOR, WRITER, BACKGROUND = 0, 1, 2, 3
 
 
-_UNKNOWN = LocalSnapshot(_CLOSED, "", -1, -1, -_INF, closed=False, known=False)
+class _LocalReply(list[Any]):
+    """A reply of the in-process fallback: its clock is not Redis's."""
 
+
+#: What a caller gets when Redis did not answer within redis_timeout.
+NO_REPLY: Any = object()
+_SEEN_MAX = 512
 
 class Permit:
     """An admitted call. Finish it exactly once; `mark_failure` lets a `protect()` body
@@ -131,10 +132,7 @@ class BreakerCore:
         self.keys = BreakerKeys.for_name(name, prefix)
         self.channel = channel_for(prefix)
         self._on_state_change = on_state_change
-        self._snap = _UNKNOWN
-        self._admit_from = -_INF
-        self._seq = 0  # bumped on every install: a background refresh yields to newer news
-        self._snap_at = -_INF  # when the snapshot was last confirmed (short replies too)
+        self._cell = SnapshotCell(config.max_staleness)  # the one owner of the snapshot
         self._yield_at = _INF  # a listener thread needs the GIL now and then: see is_available
         self._lock = threading.Lock()
         self._counters = _Counters()
@@ -150,12 +148,13 @@ class BreakerCore:
         self._hub: Hub | None = None
         self._attached: tuple[type[Hub], Any, Any] | None = None
         self._listeners: tuple[Listener, ...] = ()
-        self._announced_gen = -1  # listeners hear of each generation once per process
+        # transitions heard, by (generation, Redis time): each is announced once however it
+        # arrives (reply, push, both); generations restart after FLUSHALL, times do not
+        self._seen: dict[tuple[int, int], None] = {}
         self._drift_warned = False
         self.config_drift = False  # the fingerprint in Redis is another config's
         # Batched mode: outcomes wait here for the writer, which the shell wakes.
         self._batch = OutcomeBatch(config) if config.consistency == "batched" else None
-        self._held_gen = -1  # the projection tripped at this generation: admit nothing
         _LIVE.add(self)
 
     # -- fast path (no I/O) ---------------------------------------------------------------
@@ -175,24 +174,29 @@ class BreakerCore:
         if now >= self._yield_at:
             self._yield_at = now + _YIELD_EVERY_S
             _sleep(0)
-        return now >= self._admit_from
+        return now >= self._cell.admit_from
 
     def get_state(self) -> CircuitState:
         """The effective state (override included) as this process last saw it."""
-        return self._snap.state
+        return self._cell.snap.state
 
     @property
     def snapshot(self) -> LocalSnapshot:
-        return self._snap
+        return self._cell.snap
+
+    @property
+    def _snap(self) -> LocalSnapshot:
+        return self._cell.snap
 
     def _fast_admit(self) -> Permit | None:
         """Admit locally when plainly CLOSED, raise when plainly not admissible; None means
         ask Redis (acquire.lua)."""
-        s = self._snap
+        cell = self._cell
+        s = cell.snap
         if s.closed:
             return Permit(s.generation, "", not s.forced)
         now = _monotonic()
-        admit_from = self._admit_from
+        admit_from = cell.admit_from
         if now < admit_from:
             # inline: this is the rejection path of every call while OPEN
             retry = None if s.forced == "open" else admit_from - now
@@ -210,8 +214,19 @@ class BreakerCore:
         if self._listeners:
             self._emit(RejectionEvent(self.name, state, retry, store_down))
         if store_down:
-            raise StoreUnavailableError(self.name, state, None)
+            raise StoreUnavailableError(self.name, state, None, self._why_unavailable())
         raise CircuitOpenError(self.name, state, retry)
+
+    def _why_unavailable(self, action: str = "") -> str:
+        """The message of a StoreUnavailableError: what failed, and the policy in force."""
+        g = self._guard
+        cause = (g.misconfig or g.cause) if g is not None else ""
+        policy = self.config.on_redis_error
+        head = "Redis is unavailable" + (f" ({cause})" if cause else "")
+        if action:
+            return (f"{head}: {action} was not applied (operator actions must reach Redis; "
+                    f"on_redis_error={policy!r} answers guarded calls meanwhile)")
+        return f"{head} and on_redis_error is {policy!r}: calls are rejected until it returns"
 
     # -- listeners ---------------------------------------------------------------------
 
@@ -232,12 +247,20 @@ class BreakerCore:
             except Exception:
                 log.exception("distbreaker listener raised", extra={"breaker": self.name})
 
+    def _first(self, gen: int, now_ms: int) -> bool:
+        """True the first time this process hears of the transition made at Redis time
+        `now_ms` into generation `gen` (from a reply or a push, whichever comes first)."""
+        key = (gen, now_ms)
+        with self._lock:
+            if key in self._seen:
+                return False
+            self._seen[key] = None
+            if len(self._seen) > _SEEN_MAX:
+                del self._seen[next(iter(self._seen))]
+            return True
+
     def _announce(self, gen: int, old: CircuitState, new: CircuitState, forced: str,
                   local: bool) -> None:
-        with self._lock:
-            if gen <= self._announced_gen:
-                return
-            self._announced_gen = gen
         if local:
             log.info("breaker %s: %s -> %s", self.name, old.value, new.value,
                      extra={"event": "distbreaker.transition", "breaker": self.name,
@@ -252,38 +275,128 @@ class BreakerCore:
         g = self._guard
         return g is not None and g.degraded
 
+    @property
+    def store_problem(self) -> str | None:
+        """While Redis refuses this process for a configuration reason (credentials, ACL,
+        db index): what to fix. None otherwise."""
+        g = self._guard
+        return g.misconfig if g is not None else None
+
     # -- when Redis fails ----------------------------------------------------------------
 
-    def _may_try_store(self, operator: bool) -> bool:
-        """Go to the store? Not while the guard is open, except for an operator action,
-        which must reach Redis or fail; the in-process store has no guard."""
+    def _may_try_store(self, mode: int) -> bool:
+        """Go to the store? Not while the guard is open, except for an operator action
+        (which must reach Redis or fail) and a background re-read (whose answer is how an
+        idle process learns that Redis is back); the in-process store has no guard."""
         g = self._guard
-        return g is None or operator or g.allow()
+        return g is None or mode in (OPERATOR, BACKGROUND) or g.allow()
 
     def _store_answered(self, raw: Any) -> Any:
         if self._guard is not None:
-            self._guard.success()
+            self._guard.answered()
         return raw
 
-    def _store_failed(self, call: ScriptCall, exc: BaseException, operator: bool) -> Any:
-        """Redis failed: report it to the guard; an operator action raises, a caller's
-        call gets the fallback's answer."""
-        if self._guard is not None:
-            self._guard.failure(exc)
-        if operator:
-            raise StoreUnavailableError(self.name, self.get_state(), None) from exc
+    def _store_failed(self, call: ScriptCall, exc: BaseException, mode: int,
+                      sent_at: float) -> Any:
+        """Redis failed: tell the guard what kind of failure it was (a background re-read
+        tells it nothing); an operator action raises, a caller gets the fallback's
+        answer, the writer's uncertain batch (sent, no reply) is reported lost."""
+        kind = classify(exc)
+        g = self._guard
+        if g is not None and mode != BACKGROUND:
+            if kind == "timeout":
+                g.silent(sent_at, self.config.failover_after)
+            elif kind == "misconfig":
+                g.misconfigured(exc)
+            else:
+                g.failure(exc)
+        if mode == OPERATOR:
+            raise StoreUnavailableError(self.name, self.get_state(), None,
+                                        self._why_unavailable(_op_arg(call))
+                                        ) from exc
+        if mode == BACKGROUND or (mode == WRITER and kind == "timeout"):
+            raise exc
         return self._fallback_run(call)
+
+    def _no_reply(self, call: ScriptCall, sent_at: float) -> Any:
+        """A caller's request got no reply within redis_timeout and goes on in the
+        background. Not an outage by itself: the guard decides (failover_after). The
+        caller's answer: for a record, nothing to wait for; for an acquire, the
+        fallback's if the guard just failed over, else the snapshot's."""
+        g = self._guard
+        if g is not None:
+            g.silent(sent_at, self.config.failover_after)
+        if call.op == "acquire" and self._local is not None:
+            return self._fallback_run(call)
+        return NO_REPLY
+
+    def _late(self, call: ScriptCall, raw: Any, exc: BaseException | None,
+              ) -> tuple[list[tuple[Any, ...]], ScriptCall | None]:
+        """The outcome of a request whose caller went on (no reply within redis_timeout,
+        or cancelled): apply it. Returns the events to fire and, when a late acquire
+        granted a probe lease nobody will use, the call that gives it back."""
+        if exc is not None:
+            kind = classify(exc)
+            g = self._guard
+            if call.op != "record":
+                if g is not None and kind == "down":
+                    g.failure(exc)
+                return [], None
+            if kind == "timeout":  # sent; its fate unknown: never sent twice
+                n = _outcomes_in(call)
+                if n:
+                    self._counters.add("lost", n)
+                    log.warning("breaker %s: no reply within redis_background_timeout for "
+                                "a record of %d outcomes; they may or may not be counted",
+                                self.name, n, extra={"breaker": self.name,
+                                                     "event": "distbreaker.outcomes_lost"})
+                return [], None
+            if g is not None:
+                if kind == "misconfig":
+                    g.misconfigured(exc)
+                else:
+                    g.failure(exc)
+            try:  # the fallback counts it (unshared), as it counts the calls after it
+                return self._after_record(call, self._fallback_run(call)), None
+            except Exception:
+                log.exception("distbreaker: could not apply a late outcome",
+                              extra={"breaker": self.name})
+                return [], None
+        self._store_answered(raw)
+        try:
+            if call.op == "record":
+                return self._after_record(call, raw), None
+            if call.op == "snapshot":
+                self._after_snapshot(raw)
+                return [], None
+            if call.op == "acquire":
+                r = decode_reply(raw)
+                events = self._apply_reply(r, _monotonic())
+                if r.decision == 2:  # nobody waits for this probe: give the lease back
+                    lease = str(call.args[-1])
+                    return events, self._call("record", "", r.generation, _NONE, lease, 0)
+                return events, None
+            return self._after_record(call, raw), None  # force / reset
+        except Exception:
+            log.exception("distbreaker: could not apply a late reply",
+                          extra={"breaker": self.name})
+            return [], None
 
     def _fallback_run(self, call: ScriptCall) -> Any:
         """Run a script call on the in-process fallback, seeded on first use from the last
-        snapshot: the real state for policy "local", an override for "allow" / "deny"."""
+        snapshot: the real state for policy "local", an override for "allow" / "deny".
+        Outcomes it records never reach the shared window: counted as unshared."""
         local = self._local
         if local is None:
             local = self._local = self._seed_local()
-        return local.run(call)
+        if call.op == "record":
+            n = _outcomes_in(call)
+            if n:
+                self._counters.add("unshared", n)
+        return _LocalReply(local.run(call))
 
     def _seed_local(self) -> MemoryStore:
-        s = self._snap
+        s = self._cell.snap
         policy = self.config.on_redis_error
         m = BreakerModel(gen=max(s.generation, 0), exists=True,
                          fingerprint=self.config.fingerprint)
@@ -293,10 +406,11 @@ class BreakerCore:
             m.forced = "open"
         else:
             m.forced = s.forced
-            if not s.forced and s.state is not _CLOSED and not self._is_held():
+            if not s.forced and s.state is not _CLOSED and not self._cell.is_held():
                 m.state = s.state.value
-                if s.state is _OPEN and math.isfinite(self._admit_from):
-                    left = max(self._admit_from - _monotonic(), 0.0)
+                admit_from = self._cell.admit_from
+                if s.state is _OPEN and math.isfinite(admit_from):
+                    left = max(admit_from - _monotonic(), 0.0)
                     m.open_until = int(_monotonic() * 1000) + int(left * 1000)
         store = MemoryStore()
         store._models[self.keys.state] = m
@@ -309,11 +423,7 @@ class BreakerCore:
             self._emit(StoreEvent(self.name, True))
         if self.config.on_redis_error == "deny":
             self._fallback_run(self._call("snapshot"))
-            with self._lock:
-                self._snap = LocalSnapshot(self._snap.state, "open", self._snap.generation,
-                                           self._snap.server_ms, _monotonic(), False)
-                self._admit_from = _INF
-                self._seq += 1
+            self._cell.deny(_monotonic())
 
     def _store_recovered(self) -> None:
         """Redis is back: drop the fallback and adopt the shared state. The snapshot stays
@@ -321,14 +431,9 @@ class BreakerCore:
         re-reads it at once; a call adopts the shared state with its own reply."""
         self._local = None
         if self.config.on_redis_error != "local":
-            self._forget()  # the fallback's state was made up ("allow" / "deny")
-            return
-        with self._lock:
-            s = self._snap
-            self._snap = LocalSnapshot(s.state, s.forced, s.generation, s.server_ms, -_INF,
-                                       s.closed, s.known)
-            self._snap_at = -_INF
-            self._seq += 1
+            self._cell.forget()  # the fallback's state was made up ("allow" / "deny")
+        else:
+            self._cell.mark_stale()
         if self._listeners:
             self._emit(StoreEvent(self.name, False))
 
@@ -347,6 +452,8 @@ class BreakerCore:
     def _after_acquire(self, call: ScriptCall, raw: Any) -> tuple[Permit, list[tuple[Any, ...]]]:
         """Apply an acquire reply; return the permit and the events to fire, or raise
         CircuitOpenError (after firing events)."""
+        if raw is NO_REPLY:
+            return self._snapshot_decides(), []
         r = decode_reply(raw)
         events = self._apply_reply(r, _monotonic())
         if r.decision == 0:
@@ -357,6 +464,18 @@ class BreakerCore:
         if lease:
             self._counters.add("probes")
         return Permit(r.generation, lease, r.forced != "closed"), events
+
+    def _snapshot_decides(self) -> Permit:
+        """No reply in time and no failover (yet): decide as the snapshot says. A breaker
+        last seen CLOSED (or never seen) admits; one that was OPEN or HALF_OPEN admits
+        nothing until Redis answers, as a probe may only come from Redis."""
+        s = self._cell.snap
+        if s.closed or not s.known:
+            if not s.known and self.config.on_redis_error == "deny":
+                self._raise_rejected(s.state, self.config.redis_timeout)
+            return Permit(max(s.generation, 0), "", not s.forced)
+        self._raise_rejected(s.state, None if s.forced == "open" else
+                             self.config.redis_timeout)
 
     def _finish(
         self, permit: Permit, exc: BaseException | None, result: Any, *, timed_out: bool = False
@@ -414,31 +533,13 @@ class BreakerCore:
 
     def _apply_hold(self) -> None:
         """Make the snapshot agree with the batch's projection: while it trips, admit
-        nothing at its generation; once it does not, lift the hold. The projection is read
-        under the snapshot lock, and every change of it (a caller's outcome, a reply) is
-        followed by a call here from the same thread, so the last call sees the last
-        word, however the threads interleave."""
+        nothing at its generation; once it does not, lift the hold (see SnapshotCell)."""
         b = self._batch
-        if b is None:
-            return
-        with self._lock:
-            want = b.gen if b.tripped else -1
-            s = self._snap
-            held, self._held_gen = self._held_gen, want
-            if want >= 0:
-                if s.generation == want and s.closed and not s.forced:
-                    self._snap, self._admit_from = _held(s), _INF
-                    self._seq += 1
-            elif (held >= 0 and s.generation == held and not s.closed and not s.forced
-                    and self._admit_from == _INF):
-                # lift our own hold: back to the CLOSED snapshot it covered
-                self._snap = LocalSnapshot(_CLOSED, "", held, s.server_ms, s.at, True)
-                self._admit_from = -_INF
-                self._seq += 1
+        if b is not None:
+            self._cell.hold(lambda: b.gen if b.tripped else -1)
 
     def _is_held(self) -> bool:
-        s = self._snap
-        return self._held_gen >= 0 and s.generation == self._held_gen and not s.closed
+        return self._cell.is_held()
 
     def _batch_take(self) -> ScriptCall | None:
         """The next record call of pending outcomes (None: none, or one is in flight)."""
@@ -503,36 +604,41 @@ class BreakerCore:
                       sent: int | None = None) -> list[tuple[Any, ...]]:
         """Apply a record (or operator) reply. `sent`: the outcomes the call carried, if
         the caller knows (the writer does); else counted from its groups of four."""
+        if raw is NO_REPLY:
+            return []  # it finishes in the background (see _late)
         if sent is None:  # outcome groups start at args[7]; the code is the second of each
             a = call.args
             sent = sum(1 for i in range(8, len(a), 4) if a[i] != _NONE)
+        local = isinstance(raw, _LocalReply)
         if len(raw) == 3 or len(raw) == 7:  # short reply: still plainly CLOSED
             counted, gen, now_ms = int(raw[0]), int(raw[1]), int(raw[2])
             if sent > counted:
                 self._counters.add("stale", sent - counted)
-            s = self._snap
-            if gen == s.generation and s.closed and not s.forced:
-                self._snap_at = _monotonic()  # nothing changed: only fresher
+            if local:
+                self._cell.offer(LocalSnapshot(_CLOSED, "", gen, now_ms, _monotonic(), True,
+                                               True, True), -_INF)
             else:
-                self._install(LocalSnapshot(_CLOSED, "", gen, now_ms, _monotonic(), True),
-                              -_INF)
+                self._cell.confirm(gen, now_ms, _monotonic())
             return []
         r = decode_reply(raw)
         if sent > r.decision:
             self._counters.add("stale", sent - r.decision)
-        return self._apply_reply(r, _monotonic())
+        return self._apply_reply(r, _monotonic(), local=local)
 
-    def _after_snapshot(self, raw: Any, seq: int | None = None) -> Reply:
+    def _after_snapshot(self, raw: Any, seq: int | None = None) -> Reply | None:
         """Apply a snapshot reply; with `seq` (a background refresh), only if nothing was
-        installed since the refresh was sent."""
+        installed since the refresh was sent. None: no reply in time."""
+        if raw is NO_REPLY:
+            return None
         r = decode_reply(raw)
-        self._apply_reply(r, _monotonic(), snapshot=True, seq=seq)
+        self._apply_reply(r, _monotonic(), snapshot=True, seq=seq,
+                          local=isinstance(raw, _LocalReply))
         return r
 
     # -- applying what the store says ------------------------------------------------------
 
     def _apply_reply(self, r: Reply, recv: float, snapshot: bool = False,
-                     seq: int | None = None) -> list[tuple[Any, ...]]:
+                     seq: int | None = None, local: bool = False) -> list[tuple[Any, ...]]:
         eff = r.effective
         if eff is _CLOSED:
             admit_from = -_INF
@@ -544,19 +650,20 @@ class BreakerCore:
             admit_from = recv + wait
         else:
             admit_from = -_INF
-        snap = LocalSnapshot(eff, r.forced, r.generation, r.now_ms, recv, eff is _CLOSED)
-        self._install(snap, admit_from, seq)
+        snap = LocalSnapshot(eff, r.forced, r.generation, r.now_ms, recv, eff is _CLOSED,
+                             True, local)
+        self._cell.offer(snap, admit_from, seq=seq)
         b = self._batch
         if b is not None and r.generation > b.gen:
             b.adopt(r.generation, (r.calls, r.failures, r.slow, r.consecutive_failures))
         if r.note:
-            log.warning("repaired breaker state in Redis: %s", r.note,
+            log.warning("repaired breaker state in Redis: %s", truncate(r.note),
                         extra={"breaker": self.name, "event": "distbreaker.repaired"})
         if snapshot and len(r.extra) > 4:
             self._check_drift(str(r.extra[4]))
         if r.transition_from and not snapshot:
-            self._counters.add("state_changes")
-            return [(self.name, CircuitState(r.transition_from), eff, r.generation, r.forced)]
+            return [(self.name, CircuitState(r.transition_from), eff, r.generation, r.forced,
+                     r.now_ms)]
         return []
 
     def _check_drift(self, stored: str) -> None:
@@ -594,81 +701,53 @@ class BreakerCore:
         self._local = None
         if self._batch is not None:
             self._batch.reset()  # the parent sends its own pending outcomes
-        if self._held_gen >= 0:  # the parent's projection: not this child's
-            self._snap, self._admit_from = _UNKNOWN, -_INF
-        self._held_gen = -1
-        with self._lock:
-            self._snap = LocalSnapshot(self._snap.state, self._snap.forced,
-                                       self._snap.generation, self._snap.server_ms, -_INF,
-                                       self._snap.closed, self._snap.known)
-            self._snap_at = -_INF
+        self._cell.after_fork()
         if self._attached is not None:
             self._attach(*self._attached)
 
     def _apply_push(self, p: Push, recv: float) -> None:
+        """A message from the channel: install it if it is newer (while failed over, the
+        fallback's state is the truth and pushes only inform), and announce a transition
+        the first time this process hears of it. A transition this object's own script
+        made (the origin says so) fires on_state_change here if its reply was lost."""
         eff = p.to_state
-        s = self._snap
-        if (eff is _HALF_OPEN and p.event != "p" and s.generation == p.generation
-                and s.state is _HALF_OPEN and s.forced == p.forced):
-            # A late copy of a transition this process already learned from a reply,
-            # which also said whether a probe is free: the push would forget that.
-            return
-        # our own transition is announced (local=True) from the script's reply instead
-        news = (p.from_state is not p.to_state and p.generation > self._snap.generation
-                and p.origin != self._origin)
-        if eff is _CLOSED:
-            admit_from = -_INF
-        elif eff is _OPEN:
-            admit_from = _INF if p.forced == "open" else recv + max(
-                p.open_until_ms - p.now_ms, 0) / 1000.0
-        else:
-            admit_from = -_INF
-        self._install(
-            LocalSnapshot(eff, p.forced, p.generation, p.now_ms, recv, eff is _CLOSED),
-            admit_from,
-        )
-        b = self._batch
-        if b is not None and p.generation > b.gen:
-            b.adopt(p.generation, None)
-        if news:
-            self._announce(p.generation, p.from_state, p.to_state, p.forced, local=False)
-
-    def _install(self, snap: LocalSnapshot, admit_from: float, seq: int | None = None) -> None:
-        with self._lock:
-            if seq is not None and seq != self._seq:
-                return
-            cur = self._snap
-            # Replies and pushes can arrive out of order: keep what is newer by server time
-            # or by generation. A lower generation with a newer server time means the store
-            # was emptied (FLUSHALL, failover to an empty replica) and starts over.
-            if (
-                snap.server_ms < cur.server_ms
-                and snap.generation <= cur.generation
-                and snap.at - cur.at < self.config.max_staleness
-            ):
-                return
-            if snap.closed and snap.generation == self._held_gen:
-                snap, admit_from = _held(snap), _INF  # batched mode's projection trips
-            self._snap = snap
-            self._snap_at = snap.at
-            self._admit_from = admit_from
-            self._seq += 1
+        if self._local is None:
+            if eff is _CLOSED:
+                admit_from = -_INF
+            elif eff is _OPEN:
+                admit_from = _INF if p.forced == "open" else recv + max(
+                    p.open_until_ms - p.now_ms, 0) / 1000.0
+            else:
+                admit_from = -_INF
+            self._cell.offer(
+                LocalSnapshot(eff, p.forced, p.generation, p.now_ms, recv, eff is _CLOSED),
+                admit_from, push=True, probe_news=p.event == "p",
+            )
+            b = self._batch
+            if b is not None and p.generation > b.gen:
+                b.adopt(p.generation, None)
+        if p.from_state is not p.to_state:
+            if p.origin == self._origin:
+                self._fire([(self.name, p.from_state, p.to_state, p.generation, p.forced,
+                             p.now_ms)])
+            elif self._first(p.generation, p.now_ms):
+                self._announce(p.generation, p.from_state, p.to_state, p.forced, local=False)
 
     def _forget(self) -> None:
         """Drop the snapshot so the next call asks Redis first (e.g. after a fork)."""
-        with self._lock:
-            self._snap = _UNKNOWN
-            self._snap_at = -_INF
-            self._admit_from = -_INF
-            self._seq += 1
+        self._cell.forget()
 
     def _is_stale(self, now: float) -> bool:
-        return now - max(self._snap_at, self._snap.at) > self.config.max_staleness
+        return self._cell.is_stale(now)
 
     def _fire(self, events: list[tuple[Any, ...]]) -> None:
-        """Run on_state_change for transitions this process made; never under a lock."""
+        """Run on_state_change for transitions this process made, once each (its reply
+        and its push both say so); never under a lock."""
         hook = self._on_state_change
-        for name, old, new, gen, forced in events:
+        for name, old, new, gen, forced, now_ms in events:
+            if not self._first(gen, now_ms):
+                continue
+            self._counters.add("state_changes")
             if hook is not None:
                 try:
                     hook(name, old, new)
@@ -688,8 +767,11 @@ class BreakerCore:
                 active_probes=int(x[5]), generation=fleet_reply.generation,
                 config_fingerprint=str(x[4]),
             )
-        return self._counters.view(self.name, self._snap.state.value, fleet,
-                                   self.store_degraded, pending)
+        g = self._guard
+        return self._counters.view(self.name, self._cell.snap.state.value, fleet,
+                                   self.store_degraded, pending,
+                                   g.failovers if g is not None else 0,
+                                   g is not None and g.misconfig is not None)
 
 
 _LIVE: weakref.WeakSet[BreakerCore] = weakref.WeakSet()
@@ -706,10 +788,19 @@ def _reinit_after_fork() -> None:
 os.register_at_fork(after_in_child=_reinit_after_fork)
 
 
-def _held(s: LocalSnapshot) -> LocalSnapshot:
-    """The snapshot of a hold: CLOSED in Redis, but this process's projection trips, so it
-    admits nothing (and reports OPEN, the state it expects)."""
-    return LocalSnapshot(_OPEN, "", s.generation, s.server_ms, s.at, False)
+def _outcomes_in(call: ScriptCall) -> int:
+    """How many outcomes (not bare lease returns) a record call carries."""
+    if call.op != "record":
+        return 0
+    return sum(1 for o in record_outcomes(call.args) if o[1] != _NONE)
+
+
+def _op_arg(call: ScriptCall) -> str:
+    """An operator call as the user wrote it: "force_open()", "reset()"."""
+    if call.op == "force":
+        return {"open": "force_open()", "closed": "force_closed()"}.get(str(call.args[6]),
+                                                                        "release()")
+    return f"{call.op}()"
 
 
 def _notify_all(waiters: list[Callable[[], None]]) -> None:

@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING
 
 from ._config import CircuitState
 
-__all__ = ["CircuitBreakerError", "CircuitOpenError", "StoreUnavailableError"]
+__all__ = ["CircuitBreakerError", "CircuitOpenError", "RedisMisconfiguredError",
+           "StoreUnavailableError"]
 
 
 class CircuitBreakerError(Exception):
@@ -53,7 +54,26 @@ class CircuitOpenError(CircuitBreakerError):
 
 
 class StoreUnavailableError(CircuitOpenError):
-    """Redis is unavailable and the breaker's `on_redis_error` policy is ``"deny"``."""
+    """Redis is unavailable: raised to a guarded call when the breaker's `on_redis_error`
+    policy is ``"deny"``, and by operator actions (force, release, reset), which must
+    reach Redis whatever the policy. `detail` says what failed and which policy holds."""
+
+    if TYPE_CHECKING:
+        def __init__(self, name: str, state: CircuitState, retry_after: float | None,
+                     detail: str = "") -> None: ...
+
+    @property
+    def detail(self) -> str:
+        return str(self.args[3]) if len(self.args) > 3 else ""
 
     def __str__(self) -> str:
-        return f"circuit breaker {self.name!r}: Redis is unavailable and on_redis_error is 'deny'"
+        detail = self.detail or "Redis is unavailable and on_redis_error is 'deny'"
+        return f"circuit breaker {self.name!r}: {detail}"
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.name, self.state, self.retry_after, self.detail))
+
+
+class RedisMisconfiguredError(CircuitBreakerError):
+    """Redis refuses distbreaker for a reason waiting will not fix: wrong credentials, a
+    missing ACL permission, no such database. Raised by `check_redis()`."""

@@ -12,6 +12,7 @@ import atexit
 import contextlib
 import functools
 import inspect
+import logging
 import math
 import threading
 import time
@@ -21,9 +22,17 @@ from typing import Any, Generic, ParamSpec, TypeVar
 
 from ._batch import thread_writer
 from ._config import CircuitBreakerConfig, CircuitState
-from ._core import _LIVE, BreakerCore, Permit, StateChangeHook
-from ._errors import CircuitOpenError
-from ._failsafe import STORE_ERRORS, share_client, unshare_client
+from ._core import _LIVE, BACKGROUND, CALLER, OPERATOR, WRITER, BreakerCore, Permit, StateChangeHook
+from ._errors import RedisMisconfiguredError, StoreUnavailableError
+from ._failsafe import (
+    STORE_ERRORS,
+    InFlight,
+    classify,
+    deliver,
+    misconfig_hint,
+    share_client,
+    unshare_client,
+)
 from ._keys import DEFAULT_PREFIX
 from ._ops import ScriptCall
 from ._sync import AsyncHub, MemoryHub, ThreadHub
@@ -40,6 +49,10 @@ __all__ = [
 
 #: How long close() and interpreter exit wait for pending outcomes (batched mode).
 CLOSE_FLUSH_TIMEOUT_S = 5.0
+#: Connect timeout of the connections that may wait (background, operator, writer).
+SLOW_CONNECT_TIMEOUT_S = 1.0
+_monotonic = time.monotonic
+log = logging.getLogger("distbreaker")
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -134,7 +147,11 @@ class CircuitBreaker(BreakerCore, CircuitBreakerInterface[Any]):
             self._attach(MemoryHub, self._store, None)
         else:
             _check_client(redis, want_async=False)
-            self._store = RedisStore(share_client(redis, self.config.redis_timeout))
+            cfg = self.config
+            self._store = RedisStore(share_client(redis, cfg.redis_timeout),
+                                     share_client(redis, cfg.redis_background_timeout,
+                                                  SLOW_CONNECT_TIMEOUT_S),
+                                     cfg.redis_background_timeout)
             self._attach(ThreadHub, redis, redis)
         # Best effort: the listener retries, and the first call asks Redis anyway.
         with contextlib.suppress(Exception):
@@ -179,17 +196,36 @@ class CircuitBreaker(BreakerCore, CircuitBreakerInterface[Any]):
             raise
         self._done(permit, None, None)
 
-    def _run(self, call: ScriptCall, operator: bool = False) -> Any:
-        """Run a script call; when Redis fails, the fallback answers (no exception, no
-        wait beyond `redis_timeout`). An operator action (force, release, reset) must reach
-        Redis: it always tries, and raises StoreUnavailableError instead of falling back."""
-        if not self._may_try_store(operator):
+    def _run(self, call: ScriptCall, mode: int = CALLER) -> Any:
+        """Run a script call. A caller waits at most `redis_timeout`: without a reply by
+        then its request finishes in the background (`_on_late`) and the caller goes on;
+        when Redis fails, the fallback answers. An operator action (force, release,
+        reset) must reach Redis: it waits longer, and raises StoreUnavailableError
+        instead of falling back. See `_core.CALLER` for the other modes."""
+        if not self._may_try_store(mode):
             return self._fallback_run(call)
+        sent_at = _monotonic()
         try:
-            raw = self._store.run(call)
+            if mode == CALLER:
+                raw = self._store.run(call, self.config.redis_timeout,
+                                      functools.partial(self._on_late, call))
+            else:
+                raw = self._store.run(call)
+        except InFlight:
+            return self._no_reply(call, sent_at)
         except STORE_ERRORS as e:
-            return self._store_failed(call, e, operator)
+            return self._store_failed(call, e, mode, sent_at)
         return self._store_answered(raw)
+
+    def _on_late(self, call: ScriptCall, raw: Any, exc: BaseException | None) -> None:
+        """A background thread: the outcome of a request whose caller went on."""
+        events, give_back = self._late(call, raw, exc)
+        self._fire(events)
+        if give_back is not None:
+            try:
+                self._after_record(give_back, self._run(give_back, BACKGROUND))
+            except Exception as e:  # the lease expires by itself
+                log.debug("giving back a late probe lease failed: %s", e)
 
     def _admit(self) -> Permit:
         permit = self._fast_admit()
@@ -263,7 +299,7 @@ class CircuitBreaker(BreakerCore, CircuitBreakerInterface[Any]):
         if call is None:
             return False
         try:
-            more, events = self._batch_done(call, self._run(call))
+            more, events = self._batch_done(call, self._run(call, WRITER))
         except Exception as e:
             return self._batch_lost(e)
         self._fire(events)
@@ -321,8 +357,23 @@ class CircuitBreaker(BreakerCore, CircuitBreakerInterface[Any]):
     # -- state and operator actions --------------------------------------------------------
 
     def _refresh(self, background: bool = False) -> None:
-        seq = self._seq if background else None
-        self._after_snapshot(self._run(self._call("snapshot")), seq)
+        if background:
+            seq = self._cell.seq
+            self._after_snapshot(self._run(self._call("snapshot"), BACKGROUND), seq)
+        else:
+            self._after_snapshot(self._run(self._call("snapshot")))
+
+    def check_redis(self) -> None:
+        """Fail fast at start-up: read this breaker's state from Redis, waiting up to
+        `redis_background_timeout`. Raises RedisMisconfiguredError (credentials, ACL, db
+        index: with what to fix) or StoreUnavailableError (unreachable); returns None when
+        Redis serves this breaker."""
+        try:
+            raw = self._store.run(self._call("snapshot"))
+        except STORE_ERRORS as e:
+            raise _check_error(self, e) from e
+        self._store_answered(raw)
+        self._after_snapshot(raw)
 
     def refresh(self) -> CircuitState:
         """Re-read the shared state now (one round trip) and return the effective state."""
@@ -335,7 +386,7 @@ class CircuitBreaker(BreakerCore, CircuitBreakerInterface[Any]):
 
     def _run_op(self, op: str, *extra: str) -> None:
         call = self._call(op, *extra)
-        self._fire(self._after_record(call, self._run(call, operator=True)))
+        self._fire(self._after_record(call, self._run(call, OPERATOR)))
 
     def reset(self) -> None:
         """Fleet-wide: back to CLOSED, counters and override cleared; and this process's
@@ -363,8 +414,7 @@ class CircuitBreaker(BreakerCore, CircuitBreakerInterface[Any]):
         client = self._attached[2] if self._attached is not None else None
         self._detach()
         if client is not None:
-            spare = unshare_client(client, self.config.redis_timeout)
-            if spare is not None:
+            for spare in _unshare(client, self.config):
                 spare.close()
 
     def __enter__(self) -> CircuitBreaker:
@@ -404,7 +454,10 @@ class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
             self._attach(MemoryHub, self._store.sync, None)
         else:
             _check_client(redis, want_async=True)
-            self._store = AsyncRedisStore(share_client(redis, self.config.redis_timeout))
+            cfg = self.config
+            # one client: the caller's wait is bounded by the task it awaits, not a socket
+            self._store = AsyncRedisStore(share_client(redis, cfg.redis_background_timeout,
+                                                       SLOW_CONNECT_TIMEOUT_S))
             self._attach(AsyncHub, redis, redis)
         self._background: set[asyncio.Future[Any]] = set()
         self._drainer: asyncio.Task[None] | None = None
@@ -461,45 +514,57 @@ class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
             raise
         await self._done(permit, None, None)
 
-    async def _run(self, call: ScriptCall, operator: bool = False) -> Any:
-        """See `CircuitBreaker._run`."""
-        if not self._may_try_store(operator):
+    async def _run(self, call: ScriptCall, mode: int = CALLER) -> Any:
+        """See `CircuitBreaker._run`. A caller cancelled while Redis answers does not
+        cancel the request: its outcome is applied when it comes (a granted probe lease
+        is given back)."""
+        if not self._may_try_store(mode):
             return self._fallback_run(call)
+        sent_at = _monotonic()
         try:
-            raw = await self._store.run(call)
+            if mode == CALLER:
+                task = asyncio.ensure_future(self._store.run(call))
+                try:
+                    finished, _ = await asyncio.wait((task,), timeout=self.config.redis_timeout)
+                except asyncio.CancelledError:
+                    task.add_done_callback(self._late_callback(call))
+                    raise
+                if not finished:
+                    task.add_done_callback(self._late_callback(call))
+                    return self._no_reply(call, sent_at)
+                raw = task.result()
+            else:
+                raw = await self._store.run(call)
         except STORE_ERRORS as e:
-            return self._store_failed(call, e, operator)
+            return self._store_failed(call, e, mode, sent_at)
         return self._store_answered(raw)
+
+    def _late_callback(self, call: ScriptCall) -> Callable[[asyncio.Future[Any]], None]:
+        return functools.partial(deliver, functools.partial(self._on_late, call))
+
+    def _on_late(self, call: ScriptCall, raw: Any, exc: BaseException | None) -> None:
+        """On the event loop: the outcome of a request whose caller went on."""
+        events, give_back = self._late(call, raw, exc)
+        self._fire(events)
+        if give_back is not None:
+            t = asyncio.ensure_future(self._give_back(give_back))
+            self._background.add(t)  # keep a reference until it is done
+            t.add_done_callback(self._background.discard)
+
+    async def _give_back(self, call: ScriptCall) -> None:
+        try:
+            self._after_record(call, await self._run(call, BACKGROUND))
+        except Exception as e:  # the lease expires by itself
+            log.debug("giving back a late probe lease failed: %s", e)
 
     async def _admit(self) -> Permit:
         self._hub_running()
         permit = self._fast_admit()
         if permit is None:
             call = self._acquire_call()
-            task = asyncio.ensure_future(self._run(call))
-            try:
-                raw = await asyncio.shield(task)
-            except asyncio.CancelledError:
-                # the script may still grant a probe lease: give it back when it does
-                task.add_done_callback(functools.partial(self._give_back, call))
-                raise
-            permit, events = self._after_acquire(call, raw)
+            permit, events = self._after_acquire(call, await self._run(call))
             self._fire(events)
         return permit
-
-    def _give_back(self, call: ScriptCall, task: asyncio.Future[Any]) -> None:
-        if task.cancelled() or task.exception() is not None:
-            return
-        try:
-            permit, events = self._after_acquire(call, task.result())
-        except CircuitOpenError:
-            return
-        self._fire(events)
-        if permit.lease:
-            permit.mark_ignored()
-            t = asyncio.ensure_future(self._done(permit, None, None))
-            self._background.add(t)  # keep a reference until it is done
-            t.add_done_callback(self._background.discard)
 
     async def admit(self) -> Permit:
         """Admit one call (or raise CircuitOpenError); finish it exactly once with `finish`.
@@ -569,7 +634,7 @@ class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
                     self._urgent_evt.clear()
                 continue
             try:
-                _, events = self._batch_done(call, await self._run(call))
+                _, events = self._batch_done(call, await self._run(call, WRITER))
             except (Exception, asyncio.CancelledError) as e:
                 cancelled = cancelled or isinstance(e, asyncio.CancelledError)
                 self._batch_lost(e)
@@ -613,8 +678,21 @@ class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
         return True
 
     async def _refresh(self, background: bool = False) -> None:
-        seq = self._seq if background else None
-        self._after_snapshot(await self._run(self._call("snapshot")), seq)
+        if background:
+            seq = self._cell.seq
+            self._after_snapshot(await self._run(self._call("snapshot"), BACKGROUND), seq)
+        else:
+            self._after_snapshot(await self._run(self._call("snapshot")))
+
+    async def check_redis(self) -> None:
+        """See `CircuitBreaker.check_redis`."""
+        self._hub_running()
+        try:
+            raw = await self._store.run(self._call("snapshot"))
+        except STORE_ERRORS as e:
+            raise _check_error(self, e) from e
+        self._store_answered(raw)
+        self._after_snapshot(raw)
 
     async def refresh(self) -> CircuitState:
         """Re-read the shared state now (one round trip) and start the listener."""
@@ -628,7 +706,7 @@ class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
     async def _run_op(self, op: str, *extra: str) -> None:
         self._hub_running()
         call = self._call(op, *extra)
-        self._fire(self._after_record(call, await self._run(call, operator=True)))
+        self._fire(self._after_record(call, await self._run(call, OPERATOR)))
 
     async def reset(self) -> None:
         await self._run_op("reset")
@@ -651,8 +729,7 @@ class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
         client = self._attached[2] if self._attached is not None else None
         self._detach()
         if client is not None:
-            spare = unshare_client(client, self.config.redis_timeout)
-            if spare is not None:
+            for spare in _unshare(client, self.config, asynchronous=True):
                 await spare.aclose()
 
     async def __aenter__(self) -> AsyncCircuitBreaker:
@@ -663,6 +740,25 @@ class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
 
     def __repr__(self) -> str:
         return f"<AsyncCircuitBreaker {self.name!r} {self.get_state().value}>"
+
+
+def _unshare(client: Any, cfg: CircuitBreakerConfig, asynchronous: bool = False) -> list[Any]:
+    """Give back this breaker's shared derived clients; returns those to close."""
+    keys: list[tuple[float, float | None]] = [(cfg.redis_background_timeout,
+                                               SLOW_CONNECT_TIMEOUT_S)]
+    if not asynchronous:
+        keys.append((cfg.redis_timeout, None))
+    spares = [unshare_client(client, t, c) for t, c in keys]
+    return [x for x in spares if x is not None]
+
+
+def _check_error(b: BreakerCore, exc: BaseException) -> Exception:
+    """The error check_redis() raises for `exc`, telling misconfiguration apart."""
+    label = b._guard.label if b._guard is not None else "Redis"
+    if classify(exc) == "misconfig":
+        return RedisMisconfiguredError(f"breaker {b.name!r}: {misconfig_hint(exc, label)}")
+    return StoreUnavailableError(b.name, b.get_state(), None,
+                                 f"Redis at {label} did not serve this breaker: {exc}")
 
 
 def _flush_at_exit() -> None:

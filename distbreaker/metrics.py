@@ -56,6 +56,15 @@ class CircuitBreakerMetrics:
     batches: int = 0
     pending_outcomes: int = 0
     lost_outcomes: int = 0
+    #: outcomes applied only to this process's local fallback (Redis unavailable): they
+    #: never reached the shared window. Outcomes whose reply came after redis_timeout are
+    #: not here: they reached it, late. `lost_outcomes` counts those whose fate is unknown
+    #: (sent, but no reply even within redis_background_timeout).
+    unshared_outcomes: int = 0
+    #: times this process failed over from Redis to the local fallback (for this breaker's
+    #: Redis server), and whether Redis refuses it for a configuration reason right now
+    store_failovers: int = 0
+    store_misconfigured: bool = False
 
     @property
     def failure_rate(self) -> float:
@@ -77,10 +86,24 @@ class CircuitBreakerMetrics:
 class _Counters:
     """Thread-safe process-local counters with a bounded latency sample ring."""
 
-    __slots__ = ("_i", "_lat", "_lock", "_rejected", "batches", "failed", "ignored", "lost",
-                 "probes",
-                 "slow", "stale", "state_changes", "successful", "timeouts",
-                 "total")
+    __slots__ = (
+        "_i",
+        "_lat",
+        "_lock",
+        "_rejected",
+        "batches",
+        "failed",
+        "ignored",
+        "lost",
+        "probes",
+        "slow",
+        "stale",
+        "state_changes",
+        "successful",
+        "timeouts",
+        "total",
+        "unshared",
+    )
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -89,7 +112,7 @@ class _Counters:
         self.total = self.successful = self.failed = 0
         self._rejected = itertools.count()
         self.slow = self.timeouts = self.ignored = self.stale = self.state_changes = 0
-        self.probes = self.batches = self.lost = 0
+        self.probes = self.batches = self.lost = self.unshared = 0
 
     def reject(self) -> None:
         next(self._rejected)  # atomic without the lock: this runs on every rejected call
@@ -120,7 +143,8 @@ class _Counters:
             setattr(self, attr, getattr(self, attr) + n)
 
     def view(self, name: str, state: str, fleet: FleetWindow | None,
-             store_degraded: bool = False, pending: int = 0) -> CircuitBreakerMetrics:
+             store_degraded: bool = False, pending: int = 0, failovers: int = 0,
+             misconfigured: bool = False) -> CircuitBreakerMetrics:
         with self._lock:
             lat = sorted(self._lat)
             mean = sum(lat) / len(lat) if lat else 0.0
@@ -129,7 +153,7 @@ class _Counters:
                 name, state, self.total, self.successful, self.failed, self.rejected,
                 self.slow, self.timeouts, self.ignored, self.stale, self.state_changes,
                 self.probes, mean, p95, fleet, store_degraded, self.batches, pending,
-                self.lost,
+                self.lost, self.unshared, failovers, misconfigured,
             )
 
     def clear(self) -> None:
@@ -139,4 +163,4 @@ class _Counters:
             self.total = self.successful = self.failed = 0
             self._rejected = itertools.count()
             self.slow = self.timeouts = self.ignored = self.stale = self.state_changes = 0
-            self.probes = self.batches = self.lost = 0
+            self.probes = self.batches = self.lost = self.unshared = 0

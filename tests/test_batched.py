@@ -89,9 +89,9 @@ class Spy:
         self.entered = threading.Event()
         inner = b._store.run
 
-        def run(call: Any) -> Any:
+        def run(call: Any, *rest: Any) -> Any:
             if call.op != "record":
-                return inner(call)
+                return inner(call, *rest)
             with self.lock:
                 self.inflight += 1
                 self.max_inflight = max(self.max_inflight, self.inflight)
@@ -99,7 +99,7 @@ class Spy:
             self.entered.set()
             try:
                 self.gate.wait(10)
-                return inner(call)
+                return inner(call, *rest)
             finally:
                 with self.lock:
                     self.inflight -= 1

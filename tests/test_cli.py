@@ -278,7 +278,8 @@ def test_process_collector_and_listeners(redis_client: redis.Redis) -> None:
 
 def test_a_breaker_does_not_hear_its_own_push_as_news() -> None:
     """The origin in a pushed message lets the process that made a transition report it
-    once, as local, even when the push overtakes the script's reply."""
+    once, as local, even when the push overtakes the script's reply (or the reply is
+    lost): a second copy is not news."""
     import time as _t
 
     from distbreaker._ops import Push
@@ -291,7 +292,11 @@ def test_a_breaker_does_not_hear_its_own_push_as_news() -> None:
     push = Push("t", CircuitState.CLOSED, CircuitState.OPEN, 1, now + 1000, now, "", "own",
                 b._origin)
     b._apply_push(push, _t.monotonic())
-    assert events == [] and b.get_state() is CircuitState.OPEN
+    assert [(e.new_state, e.local) for e in events] == [(CircuitState.OPEN, True)]
+    assert b.get_state() is CircuitState.OPEN
+    b._apply_push(push, _t.monotonic())
+    assert len(events) == 1
+    events.clear()
     other = Push("t", CircuitState.OPEN, CircuitState.HALF_OPEN, 2, now, now + 1, "", "own",
                  "someone")
     b._apply_push(other, _t.monotonic())

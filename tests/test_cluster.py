@@ -581,7 +581,8 @@ async def test_redis_timeout_applies_to_cluster_clients(cluster: ClusterTopology
     from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 
     name = f"paused-{kind}-{uuid.uuid4().hex[:6]}"
-    cfg = CircuitBreakerConfig(failure_threshold=3, redis_timeout=0.05)
+    # failover_after below redis_timeout: the first unanswered call is evidence enough
+    cfg = CircuitBreakerConfig(failure_threshold=3, redis_timeout=0.05, failover_after=0.01)
     if kind == "sync":
         c: Any = RedisCluster(host=HOST, port=cluster.ports[0])
         b: Any = CircuitBreaker(name, cfg, redis=c)

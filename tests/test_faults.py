@@ -271,7 +271,9 @@ def test_recovery_keeps_a_forced_open_breaker_unavailable() -> None:
     while it re-reads the shared state."""
     srv = RedisServer().start()
     client = srv.client()
-    a = CircuitBreaker("rec-a", CircuitBreakerConfig(max_staleness=60), redis=client)
+    # failover_after below redis_timeout: the first unanswered call fails the client over
+    a = CircuitBreaker("rec-a", CircuitBreakerConfig(max_staleness=60, failover_after=0.01),
+                       redis=client)
     b = CircuitBreaker("rec-b", CircuitBreakerConfig(max_staleness=60), redis=client)
     b.force_open()
     a.call(lambda: 1)

@@ -161,9 +161,9 @@ def test_an_ignored_outcome_sends_nothing(redis_client: redis.Redis) -> None:
         sent: list[str] = []  # the breaker's own store calls (server-wide counts would
         inner = b._store.run  # also see its listener's snapshot refreshes)
 
-        def run(call: Any, inner: Any = inner, sent: list[str] = sent) -> Any:
+        def run(call: Any, *rest: Any, inner: Any = inner, sent: list[str] = sent) -> Any:
             sent.append(call.op)
-            return inner(call)
+            return inner(call, *rest)
 
         b._store.run = run  # type: ignore[method-assign]
         for _ in range(20):

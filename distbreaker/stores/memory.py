@@ -32,7 +32,7 @@ class MemoryStore:
         self._subs: dict[str, list[Subscriber]] = {}
         self._clock = clock_ms or (lambda: int(time.monotonic() * 1000))
 
-    def run(self, call: ScriptCall) -> list[Any]:
+    def run(self, call: ScriptCall, wait: float | None = None, done: Any = None) -> list[Any]:
         a = call.args
         cfg_s, fp, channel, name = str(a[0]), str(a[1]), str(a[2]), str(a[3])
         rnd = float(a[4])
@@ -78,5 +78,6 @@ class AsyncMemoryStore:
     def __init__(self, store: MemoryStore | None = None) -> None:
         self.sync = store or MemoryStore()
 
-    async def run(self, call: ScriptCall) -> list[Any]:
+    async def run(self, call: ScriptCall, wait: float | None = None,
+                  done: Any = None) -> list[Any]:
         return self.sync.run(call)

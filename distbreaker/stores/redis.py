@@ -15,13 +15,19 @@ to EVALSHA for good. Cluster clients and anything else go through redis-py's
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import inspect
+import time
+from collections.abc import Callable
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 import redis
 import redis.asyncio
 
+from .._failsafe import InFlight, background, deliver
 from .._ops import ScriptCall
 from .._scripts import OPS, ScriptSet, function_library, function_name, script_source
 
@@ -117,18 +123,122 @@ def _raw_capable(client: Any) -> bool:
             and hasattr(pool, "get_connection") and hasattr(pool, "release"))
 
 
+Done = Callable[[Any, "BaseException | None"], None]
+
+
 class RedisStore:
-    """Runs script calls on a sync redis-py client."""
+    """Runs script calls on a sync redis-py client.
 
-    def __init__(self, client: Any) -> None:
+    `client` serves callers: short timeouts, so that opening a connection never holds one
+    long. `slow` (default: `client`) serves everything that may wait: requests finishing
+    in the background, operator actions, the batched writer, the listener's re-reads.
+
+    `run(call, wait, done)` is the caller's path: it sends, waits at most `wait` for the
+    reply, and if none came, raises `InFlight` and leaves the request to a background
+    thread, which reads the reply (or sends a request that could not be sent in time) by
+    `deadline` seconds after the send and hands the outcome to `done(raw, exc)`. A request
+    is written to Redis at most once, so a late reply is applied exactly once.
+    """
+
+    def __init__(self, client: Any, slow: Any = None, deadline: float = 5.0) -> None:
         self.client = client
+        self.slow = slow if slow is not None else client
+        self.deadline = deadline
         self._scripts = ScriptSet(client)
-        self._packer = _Packer() if _raw_capable(client) else None
+        self._slow_scripts = ScriptSet(self.slow) if self.slow is not client else self._scripts
+        self._packer = _Packer() if _raw_capable(client) and _raw_capable(self.slow) else None
+        self._inline = type(client).__module__.startswith("fakeredis")  # no network
 
-    def run(self, call: ScriptCall) -> Any:
+    def run(self, call: ScriptCall, wait: float | None = None, done: Done | None = None,
+            _reloaded: bool = False) -> Any:
+        packer = self._packer
+        if wait is None or done is None or self._inline:
+            return self.run_blocking(call)
+        if packer is None:  # Cluster and other clients: redis-py's own path, on a thread
+            fut = background(self.run_blocking, call)
+            try:
+                return fut.result(timeout=wait)
+            except FutureTimeout:
+                fut.add_done_callback(functools.partial(deliver, done))
+                raise InFlight(True) from None
+        payload = packer.pack(call)
+        pool = self.client.connection_pool
+        try:
+            conn = _get(pool)
+        except (redis.TimeoutError, TimeoutError):  # not sent: send it in the background
+            background(_finish, self.run_blocking, done, call)
+            raise InFlight(False) from None
+        try:
+            conn.send_packed_command([payload])
+            if conn.can_read(timeout=wait):
+                raw = conn.read_response()
+            else:
+                c, conn = conn, None
+                background(_finish, self._complete, done, c, pool, call,
+                           time.monotonic() + self.deadline)
+                raise InFlight(True)
+        except redis.ResponseError as e:
+            _release(pool, conn)
+            conn = None
+            load = packer.reload_for(e, call.op)
+            if load is None or _reloaded:
+                raise
+            # first use on this server, or FUNCTION/SCRIPT FLUSH: load, then send again
+            try:
+                self.client.execute_command(*load)
+            except redis.ResponseError as e2:  # FUNCTION LOAD refused: scripts, then
+                load = packer.reload_for(e2, call.op)
+                if load is None:
+                    raise
+                background(_finish, self._reload_and_run, done, load, call)
+                raise InFlight(False) from None
+            except (redis.TimeoutError, TimeoutError):
+                background(_finish, self._reload_and_run, done, load, call)
+                raise InFlight(False) from None
+            return self.run(call, wait, done, True)
+        except (redis.TimeoutError, TimeoutError):
+            if conn is not None:
+                conn.disconnect()
+            raise
+        except BaseException:
+            if conn is not None:
+                conn.disconnect()  # the reply may still be unread: never reuse it
+            raise
+        finally:
+            if conn is not None:
+                _release(pool, conn)
+        return raw
+
+    def _complete(self, conn: Any, pool: Any, call: ScriptCall, deadline: float) -> Any:
+        """Read the reply of a request a caller gave up waiting for."""
+        try:
+            left = deadline - time.monotonic()
+            if left <= 0 or not conn.can_read(timeout=left):
+                raise redis.TimeoutError("no reply within redis_background_timeout")
+            raw = conn.read_response()
+        except redis.ResponseError as e:
+            _release(pool, conn)
+            assert self._packer is not None
+            load = self._packer.reload_for(e, call.op)
+            if load is None:
+                raise
+            return self._reload_and_run(load, call)
+        except BaseException:
+            conn.disconnect()
+            _release(pool, conn)
+            raise
+        _release(pool, conn)
+        return raw
+
+    def _reload_and_run(self, load: tuple[str, ...], call: ScriptCall) -> Any:
+        self.slow.execute_command(*load)
+        return self.run_blocking(call)
+
+    def run_blocking(self, call: ScriptCall) -> Any:
+        """Run a call on the slow client: waits up to its timeouts."""
         packer = self._packer
         if packer is None:
-            return self._scripts[call.op](keys=call.keys, args=call.args)
+            return self._slow_scripts[call.op](keys=call.keys, args=call.args)
         try:
             return self._send(packer.pack(call))
         except redis.ResponseError as e:
@@ -136,18 +246,17 @@ class RedisStore:
             if load is None:
                 raise
         try:
-            self.client.execute_command(*load)
+            self.slow.execute_command(*load)
         except redis.ResponseError as e:  # FUNCTION LOAD refused: scripts, then
             load = packer.reload_for(e, call.op)
             if load is None:
                 raise
-            self.client.execute_command(*load)
+            self.slow.execute_command(*load)
         return self._send(packer.pack(call))
 
     def _send(self, payload: bytes) -> Any:
-        pool = self.client.connection_pool
-        conn = pool.get_connection("EVALSHA") if _LEGACY_GET_CONNECTION else \
-            pool.get_connection()
+        pool = self.slow.connection_pool
+        conn = _get(pool)
         try:
             conn.send_packed_command([payload])
             return conn.read_response()
@@ -157,11 +266,31 @@ class RedisStore:
             conn.disconnect()  # the reply may still be unread: never reuse this connection
             raise
         finally:
-            pool.release(conn)
+            _release(pool, conn)
+
+
+def _get(pool: Any) -> Any:
+    return pool.get_connection("EVALSHA") if _LEGACY_GET_CONNECTION else pool.get_connection()
+
+
+def _release(pool: Any, conn: Any) -> None:
+    with contextlib.suppress(Exception):  # a pool reset by a fork, say
+        pool.release(conn)
+
+
+def _finish(fn: Callable[..., Any], done: Done, *args: Any) -> None:
+    try:
+        raw = fn(*args)
+    except BaseException as e:
+        done(None, e)
+        return
+    done(raw, None)
 
 
 class AsyncRedisStore:
-    """The same for a `redis.asyncio` client."""
+    """The same for a `redis.asyncio` client, with one client (long timeouts) for every
+    path: a caller awaits its request as a task for at most redis_timeout (see
+    `AsyncCircuitBreaker._run`), and the task goes on if the caller does not."""
 
     def __init__(self, client: Any) -> None:
         self.client = client
@@ -169,6 +298,9 @@ class AsyncRedisStore:
         self._packer = _Packer() if _raw_capable(client) else None
 
     async def run(self, call: ScriptCall) -> Any:
+        return await self.run_blocking(call)
+
+    async def run_blocking(self, call: ScriptCall) -> Any:
         packer = self._packer
         if packer is None:
             return await self._scripts[call.op](keys=call.keys, args=call.args)

@@ -12,7 +12,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["BreakerModel", "ModelConfig"]
+__all__ = ["MAX_LEASE_MS", "BreakerModel", "ModelConfig"]
+
+#: A lease expiring later than now + this is garbage (no config grants more than a day).
+MAX_LEASE_MS = 86_400_000 + 1000
 
 
 @dataclass(frozen=True)
@@ -160,7 +163,9 @@ class BreakerModel:
         return math.floor(d)
 
     def _expire_probes(self, now: int) -> None:
-        for k in [k for k, exp in self.probes.items() if exp <= now]:
+        # as probes_active() in _lib.lua: expired, or beyond the longest possible lease
+        for k in [k for k, exp in self.probes.items()
+                  if exp <= now or exp > now + MAX_LEASE_MS]:
             del self.probes[k]
 
     def _msg(self, event: str, frm: str, now: int, name: str) -> str:
@@ -274,7 +279,7 @@ class BreakerModel:
         return self._reply(counted, now, frm, 0, free, w), msgs
 
     def snapshot(self, cfg: ModelConfig, now: int) -> list[Any]:
-        active = sum(1 for exp in self.probes.values() if exp > now)
+        active = sum(1 for exp in self.probes.values() if now < exp <= now + MAX_LEASE_MS)
         free = max(cfg.homax - active, 0) if self.state == "half_open" else -1
         retry = 0
         if self.forced == "open":

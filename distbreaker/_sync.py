@@ -20,7 +20,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from ._failsafe import STORE_ERRORS, derive_client, guard_for, sentinel_pools
+from ._failsafe import STORE_ERRORS, derive_client, describe, guard_for, sentinel_pools
 from ._ops import decode_push
 
 __all__ = ["AsyncHub", "Hub", "MemoryHub", "ThreadHub", "hub_for"]
@@ -84,19 +84,27 @@ class MemoryHub(Hub):
 
 
 class _Outage:
-    """Reconnect delays of a listener (backoff with jitter, at most 1 s), reported to the
-    client's StoreGuard, which logs once per outage and tells the breakers when it ends."""
+    """Reconnect delays of a listener (backoff with jitter, at most 1 s).
+
+    The listener is not the data path: losing its connection (a `CLIENT KILL TYPE
+    pubsub`, a proxy dropping idle connections) fails nothing over; the guard hears only
+    of its successes (a subscription proves Redis answers, which ends an outage for an
+    idle process). What was published meanwhile is recovered by re-reading every snapshot
+    once subscribed again."""
 
     def __init__(self, client: Any) -> None:
         self.guard = guard_for(client)
         self.backoff = 0.05
+        self.down = False
 
     def failed(self, exc: BaseException) -> float:
-        if isinstance(exc, STORE_ERRORS):
-            self.guard.failure(exc)
-        else:  # not an outage (a client bug, say): say so, but do not fail the store over
-            log.warning("distbreaker listener error (%s: %s); retrying", type(exc).__name__,
-                        exc, extra={"event": "distbreaker.listener_error"})
+        if not self.down:
+            self.down = True
+            level = logging.INFO if isinstance(exc, STORE_ERRORS) else logging.WARNING
+            log.log(level, "distbreaker: listener connection lost (%s); reconnecting, and "
+                    "re-reading every breaker's state once back (guarded calls are not "
+                    "affected)", describe(exc),
+                    extra={"event": "distbreaker.listener_error", "store": self.guard.label})
         delay = self.backoff * (0.5 + random.random())
         self.backoff = min(self.backoff * 2, 1.0)
         return delay
@@ -104,6 +112,10 @@ class _Outage:
     def ok(self) -> None:
         self.guard.success()
         self.backoff = 0.05
+        if self.down:
+            self.down = False
+            log.info("distbreaker: listener subscribed again",
+                     extra={"event": "distbreaker.listener_up", "store": self.guard.label})
 
 
 class ThreadHub(Hub):

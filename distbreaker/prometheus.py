@@ -62,6 +62,22 @@ class ProcessCollector(Collector):
         degraded = GaugeMetricFamily("distbreaker_store_degraded",
                                      "1 while Redis is unavailable to this process",
                                      labels=["breaker"])
+        misconfigured = GaugeMetricFamily(
+            "distbreaker_store_misconfigured",
+            "1 while Redis refuses this process for a configuration reason (credentials, "
+            "ACL, db index)", labels=["breaker"])
+        unshared = CounterMetricFamily(
+            "distbreaker_process_unshared_outcomes",
+            "Outcomes applied only to this process's local fallback (Redis unavailable)",
+            labels=["breaker"])
+        lost = CounterMetricFamily(
+            "distbreaker_process_lost_outcomes",
+            "Outcomes sent to Redis whose fate is unknown (no reply in time)",
+            labels=["breaker"])
+        failovers = CounterMetricFamily(
+            "distbreaker_store_failovers",
+            "Times this process failed over from Redis to its local fallback",
+            labels=["breaker"])
         for b in self._breakers():
             c = b._counters
             n = b.name
@@ -77,7 +93,13 @@ class ProcessCollector(Collector):
             for s in _STATES:
                 state.add_metric([n, s], 1.0 if s == cur else 0.0)
             degraded.add_metric([n], 1.0 if b.store_degraded else 0.0)
-        yield from (calls, rejected, trans, probes, slow, timeouts, state, degraded)
+            misconfigured.add_metric([n], 0.0 if b.store_problem is None else 1.0)
+            unshared.add_metric([n], c.unshared)
+            lost.add_metric([n], c.lost)
+            g = b._guard
+            failovers.add_metric([n], g.failovers if g is not None else 0)
+        yield from (calls, rejected, trans, probes, slow, timeouts, state, degraded,
+                    misconfigured, unshared, lost, failovers)
 
 
 class FleetCollector(Collector):

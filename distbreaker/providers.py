@@ -248,15 +248,17 @@ class _ManagerBase(Generic[B]):
                 "window_failures": fleet.failures if fleet else None,
                 "failure_rate": round(fleet.failure_rate, 4) if fleet else None,
                 "consecutive_failures": fleet.consecutive_failures if fleet else None,
-                "store_degraded": m is None,
+                "store_degraded": m is None or b.store_degraded,
+                "store_misconfigured": b.store_problem is not None,
                 "config_drift": bool(fleet and fleet.config_fingerprint
                                      and fleet.config_fingerprint != b.config.fingerprint),
             }
         available = sum(1 for v in per.values() if v["available"])
         closed = sum(1 for v in per.values() if v["state"] == CircuitState.CLOSED.value)
         degraded_store = any(v["store_degraded"] for v in per.values())
-        if per and available == 0:
-            status = "critical"
+        problems = sorted({p for b, _ in snaps.values() if (p := b.store_problem)})
+        if (per and available == 0) or problems:
+            status = "critical"  # a misconfigured Redis will not heal by waiting
         elif closed < len(per) or degraded_store:
             status = "degraded"
         else:
@@ -268,6 +270,7 @@ class _ManagerBase(Generic[B]):
             "available_providers": available,
             "store": "memory" if isinstance(self.redis, MemoryStore) else "redis",
             "store_degraded": degraded_store,
+            "store_misconfigured": problems,
         }
 
 

@@ -67,8 +67,10 @@ local function begin(keys, argv)
 end
 
 local function repair(why)
-  -- Garbage in our keys must never reach a caller: drop what cannot be read, say so.
-  if NOTE == '' then NOTE = why else NOTE = NOTE .. ';' .. why end
+  -- Garbage in our keys must never reach a caller: drop what cannot be read, say so
+  -- (briefly: a garbage value can be megabytes).
+  if #why > 120 then why = string.sub(why, 1, 120) .. '...(' .. #why .. ' bytes)' end
+  if NOTE == '' then NOTE = why elseif #NOTE < 1000 then NOTE = NOTE .. ';' .. why end
 end
 
 local STATES = {closed = true, open = true, half_open = true}
@@ -354,13 +356,22 @@ local function window_close(W)
   end
 end
 
--- Removes expired leases; returns how many are active and when the first one ends.
+-- The longest lease any config can grant (probe_lease and timeout_duration are at most a
+-- day), plus a second of slack: a lease expiring later than NOW + this is garbage.
+local MAX_LEASE_MS = 86400000 + 1000
+
+-- Removes expired leases (and garbage ones); returns how many are active and when the
+-- first one ends.
 local function probes_active()
   local ok = pcall(redis.call, 'ZREMRANGEBYSCORE', K_PROBES, '-inf', NOW)
   if not ok then
     redis.call('DEL', K_PROBES)
     repair('probes key had the wrong type')
     return 0, 0
+  end
+  local bad = redis.call('ZREMRANGEBYSCORE', K_PROBES, '(' .. (NOW + MAX_LEASE_MS), '+inf')
+  if bad > 0 then
+    repair('dropped ' .. bad .. ' probe lease(s) expiring more than a day ahead')
   end
   local n = redis.call('ZCARD', K_PROBES)
   local first = 0

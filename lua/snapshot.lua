@@ -10,7 +10,8 @@ local function main()
   if S.new then exists = 0 end
   local W = window_view()
   local free, active, first = -1, 0, 0
-  local ok, n = pcall(redis.call, 'ZCOUNT', K_PROBES, '(' .. NOW, '+inf')
+  -- garbage leases (beyond the longest possible one) are not active; acquire drops them
+  local ok, n = pcall(redis.call, 'ZCOUNT', K_PROBES, '(' .. NOW, NOW + MAX_LEASE_MS)
   if ok then active = n end
   if S.state == 'half_open' then free = math.max(CFG.homax - active, 0) end
   local retry = 0

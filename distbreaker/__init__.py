@@ -6,7 +6,12 @@ keeps a local snapshot so that availability checks and rejections never touch th
 
 from ._config import CircuitBreakerConfig, CircuitState
 from ._core import LocalSnapshot, Permit
-from ._errors import CircuitBreakerError, CircuitOpenError, StoreUnavailableError
+from ._errors import (
+    CircuitBreakerError,
+    CircuitOpenError,
+    RedisMisconfiguredError,
+    StoreUnavailableError,
+)
 from .breaker import (
     AsyncCircuitBreaker,
     AsyncCircuitBreakerInterface,
@@ -50,6 +55,7 @@ __all__ = [
     "Permit",
     "ProviderCircuitBreaker",
     "ProviderType",
+    "RedisMisconfiguredError",
     "StoreUnavailableError",
     "__version__",
     "circuit_breaker_protect",

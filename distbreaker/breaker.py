@@ -523,13 +523,21 @@ class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
         sent_at = _monotonic()
         try:
             if mode == CALLER:
-                task = asyncio.ensure_future(self._store.run(call))
+                # The request is a task the caller stops awaiting after redis_timeout (or
+                # when cancelled); a bare future and a timer cost less than asyncio.wait.
+                loop = asyncio.get_running_loop()
+                task = loop.create_task(self._store.run(call))
+                waiter = loop.create_future()
+                task.add_done_callback(functools.partial(_wake, waiter))
+                timer = loop.call_later(self.config.redis_timeout, _wake, waiter, None)
                 try:
-                    finished, _ = await asyncio.wait((task,), timeout=self.config.redis_timeout)
+                    await waiter
                 except asyncio.CancelledError:
                     task.add_done_callback(self._late_callback(call))
                     raise
-                if not finished:
+                finally:
+                    timer.cancel()
+                if not task.done():
                     task.add_done_callback(self._late_callback(call))
                     return self._no_reply(call, sent_at)
                 raw = task.result()
@@ -740,6 +748,11 @@ class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
 
     def __repr__(self) -> str:
         return f"<AsyncCircuitBreaker {self.name!r} {self.get_state().value}>"
+
+
+def _wake(waiter: asyncio.Future[None], _: Any) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def _unshare(client: Any, cfg: CircuitBreakerConfig, asynchronous: bool = False) -> list[Any]:

@@ -163,14 +163,16 @@ class RedisStore:
                 raise InFlight(True) from None
         payload = packer.pack(call)
         pool = self.client.connection_pool
+        t0 = time.monotonic()
         try:
-            conn = _get(pool)
+            conn = _get(pool)  # a new connection: at most the connect timeout
         except (redis.TimeoutError, TimeoutError):  # not sent: send it in the background
             background(_finish, self.run_blocking, done, call)
             raise InFlight(False) from None
         try:
             conn.send_packed_command([payload])
-            if conn.can_read(timeout=wait):
+            # the caller's whole wait, opening a connection included, is `wait`
+            if conn.can_read(timeout=max(t0 + wait - time.monotonic(), 0.0)):
                 raw = conn.read_response()
             else:
                 c, conn = conn, None

@@ -135,6 +135,7 @@ class StoreGuard:
         self.cause = ""
         self.misconfig: str | None = None  # what to fix, while misconfigured
         self.silent_since: float | None = None  # oldest request unanswered since an answer
+        self._last_answer = -_INF_S
         self._retry_at = 0.0
         self._trial = False
         self._backoff = self.MIN_BACKOFF
@@ -175,6 +176,8 @@ class StoreGuard:
         with self._lock:
             now = time.monotonic()
             self.slow_replies += 1
+            if sent_at < self._last_answer:
+                return  # Redis answered since this was sent: a lost reply, not silence
             if self.silent_since is None or sent_at < self.silent_since:
                 self.silent_since = sent_at
             if self.down_since is not None:
@@ -257,6 +260,7 @@ class StoreGuard:
 
     def answered(self) -> None:
         """Redis answered a request (any request, however late)."""
+        self._last_answer = time.monotonic()
         if (self.down_since is None and self.silent_since is None
                 and self._outage_start is None and self.misconfig is None):
             self._report_slow()

@@ -148,6 +148,20 @@ def test_guard_fails_over_on_silence_not_on_one_timeout(caplog: pytest.LogCaptur
     assert caplog.text.count("Redis unavailable") == 1
 
 
+def test_guard_a_lost_reply_is_not_silence() -> None:
+    """A request whose reply never came (a blackholed connection) while Redis answers
+    others is not evidence of an outage, however old it is (the batched writer's batch
+    times out after redis_background_timeout)."""
+    g = StoreGuard("test")
+    sent = time.monotonic() - 5.0
+    g.answered()  # other requests were answered after it was sent
+    g.silent(sent, failover_after=0.5)
+    assert not g.degraded
+    time.sleep(0.15)
+    g.silent(time.monotonic() - 0.12, failover_after=0.1)  # nothing answered since: silence
+    assert g.degraded
+
+
 def test_guard_logs_one_outage_with_its_blips(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, "distbreaker")
     g, m = StoreGuard("test"), Member()
@@ -458,6 +472,30 @@ def test_a_pubsub_kill_fails_nothing_over(server: RedisServer) -> None:
     other.release()
     b.close()
     other.close()
+
+
+async def test_async_stale_pooled_connections_after_a_restart_are_not_an_outage(
+        server: RedisServer) -> None:
+    """redis.asyncio's pool keeps connections the restarted server no longer knows; using
+    one must not fail the process over (the end of file comes before any command ran)."""
+    import redis.asyncio as aredis
+
+    b = AsyncCircuitBreaker("stale-pool", CircuitBreakerConfig(max_staleness=60),
+                            redis=aredis.Redis(port=server.port))
+
+    async def one() -> int:
+        return 1
+
+    await asyncio.gather(*(b.call(one) for _ in range(8)))  # several pooled connections
+    server.kill()
+    server.start()
+    await asyncio.sleep(0.2)
+    before = (await b.get_metrics()).store_failovers
+    for _ in range(3):
+        await asyncio.gather(*(b.call(one) for _ in range(8)))
+    m = await b.get_metrics()
+    assert m.store_failovers == before, m
+    await b.close()
 
 
 async def test_async_pause_costs_redis_timeout_and_loses_nothing(server: RedisServer

@@ -322,6 +322,17 @@ class AsyncRedisStore:
         return await self._send(packer.pack(call))
 
     async def _send(self, payload: bytes) -> Any:
+        try:
+            return await self._send_once(payload)
+        except redis.ConnectionError as e:
+            # redis.asyncio's pool can hand out a connection the server closed while it
+            # was idle (a restart, CLIENT KILL, an idle timeout): the end of file is read
+            # at once, before the server could have run the command. One fresh try.
+            if not _dead_on_arrival(e):
+                raise
+        return await self._send_once(payload)
+
+    async def _send_once(self, payload: bytes) -> Any:
         pool = self.client.connection_pool
         conn = await (pool.get_connection("EVALSHA") if _LEGACY_GET_CONNECTION else
                       pool.get_connection())
@@ -337,3 +348,10 @@ class AsyncRedisStore:
             released = pool.release(conn)
             if inspect.isawaitable(released):
                 await released
+
+
+def _dead_on_arrival(e: BaseException) -> bool:
+    """A connection error that says the socket was closed under us, not a refusal."""
+    msg = str(e).lower()
+    return ("closed by server" in msg or "reset by peer" in msg or "broken pipe" in msg) \
+        and not isinstance(e, (redis.AuthenticationError, redis.exceptions.AuthorizationError))

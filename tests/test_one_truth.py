@@ -140,10 +140,13 @@ def test_guard_fails_over_on_silence_not_on_one_timeout(caplog: pytest.LogCaptur
     g.silent(now - 0.05, failover_after=0.5)
     assert not g.degraded and m.lost == 0
     g.answered()  # a late reply: Redis is alive
-    g.silent(now - 0.3, failover_after=0.5)
-    g.silent(now - 0.2, failover_after=0.5)
+    t = time.monotonic()
+    time.sleep(0.12)
+    g.silent(t + 0.01, failover_after=0.2)  # unanswered for 0.11 s
+    g.silent(t + 0.05, failover_after=0.2)
     assert not g.degraded
-    g.silent(now - 0.6, failover_after=0.5)  # nothing answered for 0.6 s
+    time.sleep(0.1)
+    g.silent(t + 0.1, failover_after=0.2)  # nothing answered for 0.21 s
     assert g.degraded and m.lost == 1 and "no reply" in g.cause
     assert caplog.text.count("Redis unavailable") == 1
 

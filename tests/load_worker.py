@@ -101,8 +101,8 @@ class Watch(logging.Handler):
                 rejected_calls=m.rejected_calls, stale_outcomes=m.stale_outcomes,
                 lost_outcomes=m.lost_outcomes, pending_outcomes=m.pending_outcomes,
                 # added by the work on failovers; None until the library has them
-                store_failovers=getattr(m, "store_failovers", None),
-                unshared_outcomes=getattr(m, "unshared_outcomes", None),
+                store_failovers=m.store_failovers,
+                unshared_outcomes=m.unshared_outcomes,
                 fleet_calls=None if m.fleet is None else m.fleet.calls,
             )
         return out

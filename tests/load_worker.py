@@ -10,10 +10,9 @@ which no fault on the breaker's Redis can disturb), the breaker, its config, the
    clock for every process on the machine);
 3. runs its scenario and prints one JSON line on stdout, its result.
 
-Failovers are counted three ways, so the tests work before and after the library counts
-them itself: ``store_failovers`` from the metrics (None where the library has no such
-field yet), StoreEvent(degraded=True) heard by a listener, and WARNING records of the
-``distbreaker`` logger whose event is ``distbreaker.store_down``.
+Failovers are counted three ways, each of which must say 0 where none is allowed:
+``store_failovers`` from the metrics, StoreEvent(degraded=True) heard by a listener, and
+WARNING records of the ``distbreaker`` logger whose event is ``distbreaker.store_down``.
 
 Every worker kills itself (SIGALRM) after ``timeout`` seconds so that nothing hangs.
 """
@@ -100,7 +99,6 @@ class Watch(logging.Handler):
                 failed_calls=m.failed_calls, ignored_calls=m.ignored_calls,
                 rejected_calls=m.rejected_calls, stale_outcomes=m.stale_outcomes,
                 lost_outcomes=m.lost_outcomes, pending_outcomes=m.pending_outcomes,
-                # added by the work on failovers; None until the library has them
                 store_failovers=m.store_failovers,
                 unshared_outcomes=m.unshared_outcomes,
                 fleet_calls=None if m.fleet is None else m.fleet.calls,
@@ -287,6 +285,7 @@ class Worker:
         together = self.p.get("together", True)
         runs: list[dict[str, Any]] = []
         exceptions: dict[str, int] = {}
+        failovers = 0
         for run in range(self.p["runs"]):
             name = f"{self.spec['name']}-{run}"
             b = self.build(name, client)
@@ -333,8 +332,10 @@ class Worker:
                          "local_gen": snap.generation, "redis": redis_state,
                          "redis_gen": redis_gen, "behind": behind,
                          "degraded": b.store_degraded})
+            failovers = b.get_metrics().store_failovers  # one guard: the process's count
             b.close()
         rep = self.watch.report(None)
+        rep["store_failovers"] = failovers
         emit(kind="result", wid=self.wid, runs=runs, exceptions=exceptions, **rep)
 
     def mode_kills(self) -> None:

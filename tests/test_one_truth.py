@@ -549,3 +549,51 @@ def test_a_burst_of_stale_refreshes_fails_nothing_over(server: RedisServer) -> N
     assert bs[0].get_metrics().store_failovers == 0
     for b in bs:
         b.close()
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_blackholed_batch_is_not_an_outage(server: RedisServer, kind: str) -> None:
+    """The batched writer's batch stuck on a connection that swallows bytes (a brief
+    blackhole: that connection never answers) times out after redis_background_timeout;
+    Redis answers a PING on another connection, so nothing fails over."""
+    import redis.asyncio as aredis
+
+    from tcp_proxy import TcpProxy
+
+    proxy = TcpProxy(server.port).start()
+    cfg = CircuitBreakerConfig(consistency="batched", redis_background_timeout=0.6,
+                               window_size=3600, minimum_calls=1_000_000, max_staleness=60)
+    try:
+        if kind == "sync":
+            b: Any = CircuitBreaker("bh", cfg, redis=redis.Redis.from_url(proxy.url))
+        else:
+            b = AsyncCircuitBreaker("bh", cfg, redis=aredis.Redis.from_url(proxy.url))
+
+        async def one() -> int:
+            return 1
+
+        async def calls(seconds: float) -> None:
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                if kind == "sync":
+                    b.call(lambda: 1)
+                else:
+                    await b.call(one)
+                await asyncio.sleep(0.002)
+
+        await calls(0.3)
+        proxy.blackhole(True)
+        await calls(0.15)
+        proxy.blackhole(False)
+        await calls(1.5)
+        m = b.get_metrics() if kind == "sync" else await b.get_metrics()
+        assert m.store_failovers == 0 and not b.store_degraded, m
+        assert m.lost_outcomes > 0  # the swallowed batch: its fate is unknown
+        if kind == "sync":
+            assert b.flush(5)
+            b.close()
+        else:
+            assert await b.flush(5)
+            await b.close()
+    finally:
+        proxy.stop()

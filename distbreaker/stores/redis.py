@@ -15,6 +15,7 @@ to EVALSHA for good. Cluster clients and anything else go through redis-py's
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import hashlib
@@ -211,6 +212,30 @@ class RedisStore:
                 _release(pool, conn)
         return raw
 
+    def alive(self, timeout: float) -> bool:
+        """Does Redis answer a PING within `timeout` on another connection? A request
+        stuck on one connection (blackholed, say) is not an outage if it does."""
+        try:
+            if self._packer is None:
+                fut = background(self.slow.ping)
+                return bool(fut.result(timeout=timeout))
+            pool = self.client.connection_pool
+            conn = _get(pool)
+        except Exception:
+            return False
+        try:
+            conn.send_command("PING")
+            if not conn.can_read(timeout=timeout):
+                conn.disconnect()
+                return False
+            conn.read_response()
+            return True
+        except Exception:
+            conn.disconnect()
+            return False
+        finally:
+            _release(pool, conn)
+
     def _complete(self, conn: Any, pool: Any, call: ScriptCall, deadline: float) -> Any:
         """Read the reply of a request a caller gave up waiting for."""
         try:
@@ -301,6 +326,13 @@ class AsyncRedisStore:
 
     async def run(self, call: ScriptCall) -> Any:
         return await self.run_blocking(call)
+
+    async def alive(self, timeout: float) -> bool:
+        """See `RedisStore.alive`."""
+        try:
+            return bool(await asyncio.wait_for(self.client.ping(), timeout))
+        except Exception:
+            return False
 
     async def run_blocking(self, call: ScriptCall) -> Any:
         packer = self._packer

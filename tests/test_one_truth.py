@@ -557,7 +557,6 @@ async def test_a_blackholed_batch_is_not_an_outage(server: RedisServer, kind: st
     blackhole: that connection never answers) times out after redis_background_timeout;
     Redis answers a PING on another connection, so nothing fails over."""
     import redis.asyncio as aredis
-
     from tcp_proxy import TcpProxy
 
     proxy = TcpProxy(server.port).start()

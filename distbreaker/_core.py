@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 from ._batch import OutcomeBatch
 from ._config import CircuitBreakerConfig, CircuitState
 from ._errors import CircuitOpenError, StoreUnavailableError
-from ._failsafe import StoreGuard, classify, guard_for, truncate
+from ._failsafe import StoreGuard, classify, guard_for, truncate, was_sent
 from ._keys import DEFAULT_PREFIX, BreakerKeys, channel_for, validate_name, validate_prefix
 from ._model import BreakerModel
 from ._ops import (
@@ -316,13 +316,28 @@ class BreakerCore:
                                         ) from exc
         if mode == BACKGROUND or (mode == WRITER and kind == "timeout"):
             raise exc
+        if call.op == "record" and kind != "misconfig" and was_sent(exc):
+            # it may have been counted: never count it a second time in the fallback
+            if mode == WRITER:
+                raise exc  # the writer reports the batch lost
+            self._count_lost(call)
+            return NO_REPLY
         return self._fallback_run(call)
+
+    def _count_lost(self, call: ScriptCall) -> None:
+        n = _outcomes_in(call)
+        if n:
+            self._counters.add("lost", n)
+            log.warning("breaker %s: a record of %d outcomes was sent but not answered; "
+                        "they may or may not be counted", self.name, n,
+                        extra={"breaker": self.name, "event": "distbreaker.outcomes_lost"})
 
     def _no_reply(self, call: ScriptCall, sent_at: float) -> Any:
         """A caller's request got no reply within redis_timeout and goes on in the
         background. Not an outage by itself: the guard decides (failover_after). The
         caller's answer: for a record, nothing to wait for; for an acquire, the
-        fallback's if the guard just failed over, else the snapshot's."""
+        fallback's if this breaker runs on it (the guard failed over), else the
+        snapshot's."""
         g = self._guard
         if g is not None:
             g.silent(sent_at, self.config.failover_after)
@@ -342,20 +357,14 @@ class BreakerCore:
                 if g is not None and kind == "down":
                     g.failure(exc)
                 return [], None
-            if kind == "timeout":  # sent; its fate unknown: never sent twice
-                n = _outcomes_in(call)
-                if n:
-                    self._counters.add("lost", n)
-                    log.warning("breaker %s: no reply within redis_background_timeout for "
-                                "a record of %d outcomes; they may or may not be counted",
-                                self.name, n, extra={"breaker": self.name,
-                                                     "event": "distbreaker.outcomes_lost"})
-                return [], None
-            if g is not None:
+            if g is not None and kind != "timeout":
                 if kind == "misconfig":
                     g.misconfigured(exc)
                 else:
                     g.failure(exc)
+            if kind != "misconfig" and was_sent(exc):  # its fate unknown: never twice
+                self._count_lost(call)
+                return [], None
             try:  # the fallback counts it (unshared), as it counts the calls after it
                 return self._after_record(call, self._fallback_run(call)), None
             except Exception:
@@ -365,18 +374,18 @@ class BreakerCore:
         self._store_answered(raw)
         try:
             if call.op == "record":
-                return self._after_record(call, raw), None
+                return self._after_record(call, raw, late=True), None
             if call.op == "snapshot":
-                self._after_snapshot(raw)
+                self._after_snapshot(raw, late=True)
                 return [], None
             if call.op == "acquire":
                 r = decode_reply(raw)
-                events = self._apply_reply(r, _monotonic())
+                events = self._apply_reply(r, _monotonic(), late=True)
                 if r.decision == 2:  # nobody waits for this probe: give the lease back
                     lease = str(call.args[-1])
                     return events, self._call("record", "", r.generation, _NONE, lease, 0)
                 return events, None
-            return self._after_record(call, raw), None  # force / reset
+            return self._after_record(call, raw, late=True), None  # force / reset
         except Exception:
             log.exception("distbreaker: could not apply a late reply",
                           extra={"breaker": self.name})
@@ -388,7 +397,13 @@ class BreakerCore:
         Outcomes it records never reach the shared window: counted as unshared."""
         local = self._local
         if local is None:
-            local = self._local = self._seed_local()
+            local = self._seed_local()
+            g = self._guard
+            with self._lock:  # kept only while failed over: recovery may have just run
+                if self._local is not None:
+                    local = self._local
+                elif g is None or g.degraded:
+                    self._local = local
         if call.op == "record":
             n = _outcomes_in(call)
             if n:
@@ -419,6 +434,9 @@ class BreakerCore:
     def _store_lost(self) -> None:
         """Redis just failed for this client: a "deny" breaker stops admitting at once,
         even before its own next call touches Redis."""
+        g = self._guard
+        if g is not None and not g.degraded:
+            return  # already recovered: a late notice
         if self._listeners:
             self._emit(StoreEvent(self.name, True))
         if self.config.on_redis_error == "deny":
@@ -429,7 +447,8 @@ class BreakerCore:
         """Redis is back: drop the fallback and adopt the shared state. The snapshot stays
         (is_available() keeps answering from it) but is marked stale, so the listener
         re-reads it at once; a call adopts the shared state with its own reply."""
-        self._local = None
+        with self._lock:
+            self._local = None
         if self.config.on_redis_error != "local":
             self._cell.forget()  # the fallback's state was made up ("allow" / "deny")
         else:
@@ -600,8 +619,8 @@ class BreakerCore:
         _notify_all(waiters)
         return more
 
-    def _after_record(self, call: ScriptCall, raw: Any,
-                      sent: int | None = None) -> list[tuple[Any, ...]]:
+    def _after_record(self, call: ScriptCall, raw: Any, sent: int | None = None,
+                      late: bool = False) -> list[tuple[Any, ...]]:
         """Apply a record (or operator) reply. `sent`: the outcomes the call carried, if
         the caller knows (the writer does); else counted from its groups of four."""
         if raw is NO_REPLY:
@@ -618,27 +637,29 @@ class BreakerCore:
                 self._cell.offer(LocalSnapshot(_CLOSED, "", gen, now_ms, _monotonic(), True,
                                                True, True), -_INF)
             else:
-                self._cell.confirm(gen, now_ms, _monotonic())
+                self._cell.confirm(gen, now_ms, _monotonic(), late=late)
             return []
         r = decode_reply(raw)
         if sent > r.decision:
             self._counters.add("stale", sent - r.decision)
-        return self._apply_reply(r, _monotonic(), local=local)
+        return self._apply_reply(r, _monotonic(), local=local, late=late)
 
-    def _after_snapshot(self, raw: Any, seq: int | None = None) -> Reply | None:
+    def _after_snapshot(self, raw: Any, seq: int | None = None,
+                        late: bool = False) -> Reply | None:
         """Apply a snapshot reply; with `seq` (a background refresh), only if nothing was
         installed since the refresh was sent. None: no reply in time."""
         if raw is NO_REPLY:
             return None
         r = decode_reply(raw)
         self._apply_reply(r, _monotonic(), snapshot=True, seq=seq,
-                          local=isinstance(raw, _LocalReply))
+                          local=isinstance(raw, _LocalReply), late=late)
         return r
 
     # -- applying what the store says ------------------------------------------------------
 
     def _apply_reply(self, r: Reply, recv: float, snapshot: bool = False,
-                     seq: int | None = None, local: bool = False) -> list[tuple[Any, ...]]:
+                     seq: int | None = None, local: bool = False,
+                     late: bool = False) -> list[tuple[Any, ...]]:
         eff = r.effective
         if eff is _CLOSED:
             admit_from = -_INF
@@ -652,7 +673,7 @@ class BreakerCore:
             admit_from = -_INF
         snap = LocalSnapshot(eff, r.forced, r.generation, r.now_ms, recv, eff is _CLOSED,
                              True, local)
-        self._cell.offer(snap, admit_from, seq=seq)
+        self._cell.offer(snap, admit_from, seq=seq, late=late)
         b = self._batch
         if b is not None and r.generation > b.gen:
             b.adopt(r.generation, (r.calls, r.failures, r.slow, r.consecutive_failures))
@@ -699,6 +720,10 @@ class BreakerCore:
         self._lock = threading.Lock()
         self._counters._lock = threading.Lock()
         self._local = None
+        # a new origin: the parent's (and every sibling's) pushes are not this child's own
+        self._origin = secrets.token_hex(4)
+        self._base_args = argv_prefix(self.config.script_arg, self.config.fingerprint,
+                                      self.channel, f"{self._origin} {self.name}")
         if self._batch is not None:
             self._batch.reset()  # the parent sends its own pending outcomes
         self._cell.after_fork()

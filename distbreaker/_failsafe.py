@@ -9,6 +9,7 @@ open, breakers answer from a local fallback at in-process cost (see `BreakerCore
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -21,7 +22,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 __all__ = ["STORE_ERRORS", "InFlight", "StoreGuard", "background", "classify", "deliver",
-           "derive_client", "guard_for", "share_client", "truncate", "unshare_client"]
+           "derive_client", "guard_for", "mark_sent", "share_client", "truncate",
+           "unshare_client", "was_sent"]
 
 log = logging.getLogger("distbreaker")
 _INF_S = float("inf")
@@ -70,6 +72,18 @@ def classify(exc: BaseException) -> str:
     if isinstance(exc, timeout_types):
         return "timeout"
     return "down"
+
+
+def mark_sent(e: BaseException, sent: bool) -> None:
+    """Say on a store error whether the request had been written: an outcome whose
+    request was written may have been counted, so it is never applied anywhere else."""
+    with contextlib.suppress(Exception):
+        e.distbreaker_sent = sent  # type: ignore[attr-defined]
+
+
+def was_sent(e: BaseException) -> bool:
+    """Whether a failed request may have reached Redis (unknown counts as yes)."""
+    return bool(getattr(e, "distbreaker_sent", True))
 
 
 def truncate(v: object, limit: int = 200) -> str:
@@ -183,7 +197,7 @@ class StoreGuard:
             if self.down_since is not None:
                 self._trial_failed(now)
                 return
-            quiet = now - self.silent_since
+            quiet = now - max(self.silent_since, self._last_answer)
             if quiet < failover_after:
                 return
         self._go_down(f"no reply for {quiet:.2f}s (failover_after={failover_after:g}s)")
@@ -483,15 +497,21 @@ def derive_client(client: Any, timeout: float, connect_timeout: float | None = N
     elif "lib_name" in kw:
         kw["lib_name"] = kw["lib_version"] = None
     cls = type(pool)
+    # The derived pool has no cap of its own: a connection whose caller went on is held
+    # until its reply comes, and a capped (or blocking) pool would turn a pause into
+    # "too many connections" or a wait of the pool's timeout on the caller's path.
+    max_connections = None
+    if cls.__name__ == "BlockingConnectionPool" and cls.__module__.startswith("redis"):
+        cls = type(pool).__mro__[1]  # its plain ConnectionPool base
     try:
         if hasattr(pool, "service_name") and hasattr(pool, "sentinel_manager"):
             new_pool = cls(pool.service_name, pool.sentinel_manager, is_master=pool.is_master,
                            check_connection=pool.check_connection,
                            connection_class=pool.connection_class,
-                           max_connections=pool.max_connections, **kw)
+                           max_connections=max_connections, **kw)
         else:
             new_pool = cls(connection_class=pool.connection_class,
-                           max_connections=pool.max_connections, **kw)
+                           max_connections=max_connections, **kw)
         return type(client)(connection_pool=new_pool)
     except Exception as e:  # an unusual pool: keep the user's own client
         log.debug("could not derive a short-timeout client from %r: %s", client, e)

@@ -75,12 +75,14 @@ class SnapshotCell:
     # -- the rule --------------------------------------------------------------------------
 
     def newer(self, cand: LocalSnapshot, *, push: bool = False, probe_news: bool = False,
-              ) -> bool:
-        """Whether `cand` would replace the current snapshot (see the module docstring)."""
+              late: bool = False) -> bool:
+        """Whether `cand` would replace the current snapshot (see the module docstring).
+        A `late` reply (its caller went on) arrived long after Redis made it: its arrival
+        says nothing about a clock jump, so it gets no escape."""
         cur = self.snap
         if not cur.known or cand.local != cur.local:
             return True
-        if cand.at - cur.at >= self.max_staleness:
+        if not late and cand.at - cur.at >= self.max_staleness:
             return True
         ck, nk = (cur.server_ms, cur.generation), (cand.server_ms, cand.generation)
         if nk != ck:
@@ -88,19 +90,20 @@ class SnapshotCell:
         return not push or probe_news
 
     def offer(self, cand: LocalSnapshot, admit_from: float, *, push: bool = False,
-              probe_news: bool = False, seq: int | None = None) -> bool:
+              probe_news: bool = False, seq: int | None = None, late: bool = False) -> bool:
         """Install `cand` if it is newer; returns whether it was installed."""
         with self._lock:
             if seq is not None and seq != self.seq:
                 return False
-            if not self.newer(cand, push=push, probe_news=probe_news):
+            if not self.newer(cand, push=push, probe_news=probe_news, late=late):
                 return False
             if cand.closed and cand.generation == self.held_gen:
                 cand, admit_from = _held(cand), _INF
             self._set(cand, admit_from, cand.at)
             return True
 
-    def confirm(self, generation: int, server_ms: int, now: float) -> None:
+    def confirm(self, generation: int, server_ms: int, now: float, late: bool = False
+                ) -> None:
         """A short reply: still plainly CLOSED at `generation`. Only fresher when that is
         what the snapshot says; otherwise it is offered like any reply."""
         with self._lock:
@@ -109,7 +112,8 @@ class SnapshotCell:
                     and not s.forced and server_ms >= s.server_ms):
                 self.confirmed_at = now
                 return
-        self.offer(LocalSnapshot(_CLOSED, "", generation, server_ms, now, True), -_INF)
+        self.offer(LocalSnapshot(_CLOSED, "", generation, server_ms, now, True), -_INF,
+                   late=late)
 
     def _set(self, snap: LocalSnapshot, admit_from: float, confirmed: float) -> None:
         self.snap = snap

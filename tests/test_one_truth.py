@@ -596,3 +596,139 @@ async def test_a_blackholed_batch_is_not_an_outage(server: RedisServer, kind: st
             await b.close()
     finally:
         proxy.stop()
+
+
+# -- found in review ---------------------------------------------------------------------
+
+
+def test_cell_a_late_reply_gets_no_staleness_escape() -> None:
+    cell = SnapshotCell(max_staleness=2.0)
+    cell.offer(snap(OP, 1, 1000, 100.0), INF)
+    # a reply Redis made before the trip, arriving 2.1 s later (its caller went on)
+    assert not cell.offer(snap(CL, 0, 999, 102.1), -INF, late=True)
+    assert cell.snap.state is OP
+    assert cell.offer(snap(CL, 0, 999, 102.1), -INF)  # a fresh one: the clock jumped back
+
+
+def _fork_child(url: str, name: str, trip: bool, q: Any) -> None:
+    b = _FORKED[0]
+    hooks: list[Any] = []
+    b._on_state_change = lambda *a: hooks.append(a)
+    time.sleep(0.5)  # both children listening
+    if trip:
+        with pytest.raises(RuntimeError):
+            b.call(_boom)
+    time.sleep(1.0)
+    q.put((trip, len(hooks), b._origin))
+
+
+_FORKED: list[Any] = []
+
+
+def test_after_a_fork_only_the_child_that_tripped_fires_on_state_change(
+        server: RedisServer) -> None:
+    import multiprocessing as mp
+
+    cfg = CircuitBreakerConfig(failure_threshold=1, recovery_timeout=30, max_staleness=60)
+    _FORKED[:] = [CircuitBreaker("forked", cfg, redis=server.client())]  # before the fork
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_fork_child, args=(server.url, "forked", i == 0, q))
+             for i in range(2)]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=20) for _ in procs]
+    for p in procs:
+        p.join(10)
+    assert sorted((t, n) for t, n, _ in results) == [(False, 0), (True, 1)], results
+    assert len({o for _, _, o in results} | {_FORKED[0]._origin}) == 3  # fresh origins
+    _FORKED[0].close()
+    _FORKED.clear()
+
+
+def test_a_recovery_between_the_guard_and_the_fallback_keeps_no_fallback(
+        server: RedisServer) -> None:
+    b = CircuitBreaker("race", CircuitBreakerConfig(max_staleness=60, on_redis_error="deny"),
+                       redis=server.client())
+    b.call(lambda: 1)
+    g = b._guard
+    assert g is not None
+    g.failure(redis.ConnectionError("Connection refused"))
+    assert b.store_degraded and b._local is not None
+    g.answered()  # another thread's reply: Redis is back
+    assert b._local is None
+    b._fallback_run(b._call("snapshot"))  # a caller that decided a moment before
+    assert b._local is None  # answered once, kept nowhere
+    b._store_lost()  # a late notice of the outage that ended
+    assert b.is_available() and b._local is None
+    b.close()
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_reply_lost_after_the_script_ran_is_lost_not_counted_twice(
+        server: RedisServer, kind: str) -> None:
+    """The request reaches Redis and runs; the connection drops before the reply comes
+    back. The outcome may be counted: it is reported lost, never applied to the fallback
+    too (sync) or sent again (asyncio)."""
+    import redis.asyncio as aredis
+    from tcp_proxy import TcpProxy
+
+    proxy = TcpProxy(server.port).start()
+    cfg = CircuitBreakerConfig(window_size=3600, minimum_calls=1_000_000, max_staleness=60,
+                               failover_after=5.0)
+
+    async def one() -> int:
+        return 1
+
+    try:
+        if kind == "sync":
+            b: Any = CircuitBreaker("doa", cfg, redis=redis.Redis.from_url(proxy.url))
+            b.call(lambda: 1)
+        else:
+            b = AsyncCircuitBreaker("doa", cfg, redis=aredis.Redis.from_url(proxy.url))
+            await b.call(one)
+        proxy.set_latency(0.15)
+        if kind == "sync":
+            b.call(lambda: 1)  # released at redis_timeout; the request goes on
+        else:
+            await b.call(one)
+        await asyncio.sleep(0.22)  # it ran in Redis; its reply is on the way back
+        proxy.drop_all()
+        await asyncio.sleep(0.3)
+        proxy.set_latency(0)
+        m = b.get_metrics() if kind == "sync" else await b.get_metrics()
+        assert m.fleet is not None
+        assert (m.fleet.calls, m.unshared_outcomes, m.lost_outcomes) == (2, 0, 1), m
+        if kind == "sync":
+            b.close()
+        else:
+            await b.close()
+    finally:
+        proxy.stop()
+
+
+def test_a_capped_pool_does_not_turn_a_pause_into_a_failover(server: RedisServer) -> None:
+    pool = redis.ConnectionPool(port=server.port, max_connections=2)
+    b = CircuitBreaker("capped", CircuitBreakerConfig(max_staleness=60, window_size=3600,
+                                                      minimum_calls=1_000_000),
+                       redis=redis.Redis(connection_pool=pool))
+    b.call(lambda: 1)
+    stop = threading.Event()
+
+    def calls() -> None:
+        while not stop.is_set():
+            b.call(lambda: 1)
+            time.sleep(0.002)
+
+    ts = [threading.Thread(target=calls) for _ in range(4)]
+    for t in ts:
+        t.start()
+    time.sleep(0.1)
+    _pause(server, 150)
+    time.sleep(0.6)
+    stop.set()
+    for t in ts:
+        t.join()
+    m = b.get_metrics()
+    assert m.store_failovers == 0 and m.unshared_outcomes == 0, m
+    b.close()

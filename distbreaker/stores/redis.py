@@ -29,6 +29,7 @@ import redis
 import redis.asyncio
 
 from .._failsafe import InFlight, background, deliver
+from .._failsafe import mark_sent as _mark
 from .._ops import ScriptCall
 from .._scripts import OPS, ScriptSet, function_library, function_name, script_source
 
@@ -151,7 +152,7 @@ class RedisStore:
         self._inline = type(client).__module__.startswith("fakeredis")  # no network
 
     def run(self, call: ScriptCall, wait: float | None = None, done: Done | None = None,
-            _reloaded: bool = False) -> Any:
+            _deadline: float | None = None) -> Any:
         packer = self._packer
         if wait is None or done is None or self._inline:
             return self.run_blocking(call)
@@ -164,16 +165,21 @@ class RedisStore:
                 raise InFlight(True) from None
         payload = packer.pack(call)
         pool = self.client.connection_pool
-        t0 = time.monotonic()
+        # the caller's whole wait, opening a connection and reloading included, is `wait`
+        deadline = time.monotonic() + wait if _deadline is None else _deadline
         try:
             conn = _get(pool)  # a new connection: at most the connect timeout
         except (redis.TimeoutError, TimeoutError):  # not sent: send it in the background
             background(_finish, self.run_blocking, done, call)
             raise InFlight(False) from None
+        except BaseException as e:
+            _mark(e, False)
+            raise
+        sent = False
         try:
             conn.send_packed_command([payload])
-            # the caller's whole wait, opening a connection included, is `wait`
-            if conn.can_read(timeout=max(t0 + wait - time.monotonic(), 0.0)):
+            sent = True
+            if conn.can_read(timeout=max(deadline - time.monotonic(), 0.0)):
                 raw = conn.read_response()
             else:
                 c, conn = conn, None
@@ -184,7 +190,7 @@ class RedisStore:
             _release(pool, conn)
             conn = None
             load = packer.reload_for(e, call.op)
-            if load is None or _reloaded:
+            if load is None or _deadline is not None:
                 raise
             # first use on this server, or FUNCTION/SCRIPT FLUSH: load, then send again
             try:
@@ -198,14 +204,16 @@ class RedisStore:
             except (redis.TimeoutError, TimeoutError):
                 background(_finish, self._reload_and_run, done, load, call)
                 raise InFlight(False) from None
-            return self.run(call, wait, done, True)
-        except (redis.TimeoutError, TimeoutError):
-            if conn is not None:
-                conn.disconnect()
+            if time.monotonic() >= deadline:
+                background(_finish, self.run_blocking, done, call)
+                raise InFlight(False) from None
+            return self.run(call, wait, done, deadline)
+        except InFlight:
             raise
-        except BaseException:
+        except BaseException as e:
             if conn is not None:
                 conn.disconnect()  # the reply may still be unread: never reuse it
+            _mark(e, sent)
             raise
         finally:
             if conn is not None:
@@ -250,9 +258,10 @@ class RedisStore:
             if load is None:
                 raise
             return self._reload_and_run(load, call)
-        except BaseException:
+        except BaseException as e:
             conn.disconnect()
             _release(pool, conn)
+            _mark(e, True)
             raise
         _release(pool, conn)
         return raw
@@ -283,14 +292,21 @@ class RedisStore:
 
     def _send(self, payload: bytes) -> Any:
         pool = self.slow.connection_pool
-        conn = _get(pool)
+        try:
+            conn = _get(pool)
+        except BaseException as e:
+            _mark(e, False)
+            raise
+        sent = False
         try:
             conn.send_packed_command([payload])
+            sent = True
             return conn.read_response()
         except redis.ResponseError:
             raise  # the connection is fine: an error reply was read in full
-        except BaseException:
+        except BaseException as e:
             conn.disconnect()  # the reply may still be unread: never reuse this connection
+            _mark(e, sent)
             raise
         finally:
             _release(pool, conn)
@@ -354,36 +370,32 @@ class AsyncRedisStore:
         return await self._send(packer.pack(call))
 
     async def _send(self, payload: bytes) -> Any:
-        try:
-            return await self._send_once(payload)
-        except redis.ConnectionError as e:
-            # redis.asyncio's pool can hand out a connection the server closed while it
-            # was idle (a restart, CLIENT KILL, an idle timeout): the end of file is read
-            # at once, before the server could have run the command. One fresh try.
-            if not _dead_on_arrival(e):
-                raise
-        return await self._send_once(payload)
-
-    async def _send_once(self, payload: bytes) -> Any:
         pool = self.client.connection_pool
-        conn = await (pool.get_connection("EVALSHA") if _LEGACY_GET_CONNECTION else
-                      pool.get_connection())
+        try:
+            conn = await (pool.get_connection("EVALSHA") if _LEGACY_GET_CONNECTION else
+                          pool.get_connection())
+            # redis.asyncio's pool can hand out a connection the server closed while it
+            # was idle (a restart, CLIENT KILL, an idle timeout): reconnect before sending,
+            # never resend after (the command may have run).
+            reader = getattr(conn, "_reader", None)
+            if reader is not None and reader.at_eof():
+                await conn.disconnect()
+                await conn.connect()
+        except BaseException as e:
+            _mark(e, False)
+            raise
+        sent = False
         try:
             await conn.send_packed_command([payload])
+            sent = True
             return await conn.read_response()
         except redis.ResponseError:
             raise
-        except BaseException:
+        except BaseException as e:
+            _mark(e, sent)
             await conn.disconnect()
             raise
         finally:
             released = pool.release(conn)
             if inspect.isawaitable(released):
                 await released
-
-
-def _dead_on_arrival(e: BaseException) -> bool:
-    """A connection error that says the socket was closed under us, not a refusal."""
-    msg = str(e).lower()
-    return ("closed by server" in msg or "reset by peer" in msg or "broken pipe" in msg) \
-        and not isinstance(e, (redis.AuthenticationError, redis.exceptions.AuthorizationError))

@@ -1,10 +1,13 @@
 """Redis as a dependency that fails: short timeouts, a breaker around Redis, and clients.
 
-A breaker that fails when Redis fails turns a cache outage into a full outage. So every
-script call on a caller's path goes through a client derived from the user's one with a
-short timeout and no retries, and through a `StoreGuard`: a small breaker around the
-store itself, shared by every breaker of one client in one process. While the guard is
-open, breakers answer from a local fallback at in-process cost (see `BreakerCore`).
+A breaker that fails when Redis fails turns a cache outage into a full outage, and one
+that gives up on Redis at every slow reply stops being shared when it matters. So every
+script call on a caller's path goes through a client derived from the user's one with no
+retries, waits at most `redis_timeout` (the request then finishes on the `background`
+threads), and goes through a `StoreGuard`: a small breaker around the store itself,
+shared by every breaker of one server in one process, which opens on evidence of an
+outage only. While it is open, breakers answer from a local fallback at in-process cost
+(see `BreakerCore`).
 """
 
 from __future__ import annotations

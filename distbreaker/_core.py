@@ -693,10 +693,11 @@ class BreakerCore:
         if drift and not self._drift_warned:
             self._drift_warned = True
             log.warning("breaker %r: Redis holds config %s, this process runs %s; processes "
-                        "sharing a breaker should share its config", self.name, stored,
+                        "sharing a breaker should share its config", self.name,
+                        truncate(stored, 64),
                         self.config.fingerprint,
                         extra={"breaker": self.name, "event": "distbreaker.config_drift",
-                               "stored": stored, "local": self.config.fingerprint})
+                               "stored": truncate(stored, 64), "local": self.config.fingerprint})
 
     def _attach(self, hub_kind: type[Hub], backend: Any, client: Any) -> None:
         """Join this process's listener for `backend` and, for Redis, the guard of

@@ -732,3 +732,31 @@ def test_a_capped_pool_does_not_turn_a_pause_into_a_failover(server: RedisServer
     m = b.get_metrics()
     assert m.store_failovers == 0 and m.unshared_outcomes == 0, m
     b.close()
+
+
+async def test_async_pooled_connections_reset_while_idle_are_not_an_outage(
+        server: RedisServer) -> None:
+    """Idle pooled connections reset under the pool (a proxy or load balancer dropping
+    them) are found when the pool hands them out under a burst, not after writing."""
+    import redis.asyncio as aredis
+
+    from tcp_proxy import TcpProxy
+
+    proxy = TcpProxy(server.port).start()
+    try:
+        b = AsyncCircuitBreaker("reset-pool", CircuitBreakerConfig(max_staleness=60),
+                                redis=aredis.Redis.from_url(proxy.url))
+
+        async def one() -> int:
+            return 1
+
+        await asyncio.gather(*(b.call(one) for _ in range(8)))
+        proxy.drop_all()
+        await asyncio.sleep(0.2)
+        for _ in range(3):
+            await asyncio.gather(*(b.call(one) for _ in range(8)))
+        m = await b.get_metrics()
+        assert m.store_failovers == 0, m
+        await b.close()
+    finally:
+        proxy.stop()

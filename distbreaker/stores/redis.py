@@ -330,6 +330,18 @@ def _finish(fn: Callable[..., Any], done: Done, *args: Any) -> None:
     done(raw, None)
 
 
+def _dead(conn: Any) -> bool:
+    """An asyncio connection the server closed (end of file) or reset (the reader holds
+    the error) while it sat in the pool."""
+    reader = getattr(conn, "_reader", None)
+    if reader is None:
+        return False
+    try:
+        return bool(reader.at_eof() or reader.exception() is not None)
+    except Exception:
+        return False
+
+
 class AsyncRedisStore:
     """The same for a `redis.asyncio` client, with one client (long timeouts) for every
     path: a caller awaits its request as a task for at most redis_timeout (see
@@ -377,8 +389,7 @@ class AsyncRedisStore:
             # redis.asyncio's pool can hand out a connection the server closed while it
             # was idle (a restart, CLIENT KILL, an idle timeout): reconnect before sending,
             # never resend after (the command may have run).
-            reader = getattr(conn, "_reader", None)
-            if reader is not None and reader.at_eof():
+            if _dead(conn):
                 await conn.disconnect()
                 await conn.connect()
         except BaseException as e:

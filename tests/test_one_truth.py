@@ -739,7 +739,6 @@ async def test_async_pooled_connections_reset_while_idle_are_not_an_outage(
     """Idle pooled connections reset under the pool (a proxy or load balancer dropping
     them) are found when the pool hands them out under a burst, not after writing."""
     import redis.asyncio as aredis
-
     from tcp_proxy import TcpProxy
 
     proxy = TcpProxy(server.port).start()

@@ -80,7 +80,7 @@ class OutcomeBatch:
         self._ft = cfg.failure_threshold
         self._frt = cfg.failure_rate_threshold
         self._srt = cfg.slow_call_rate_threshold
-        self._minc = cfg.minimum_calls
+        self._minc = cfg.effective_minimum_calls
         self._wn = int(cfg.window_size) if cfg.window_type == "count" else 0
         self._linger = cfg.batch_linger
         self._limit = cfg.max_batch

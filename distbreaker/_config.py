@@ -60,6 +60,8 @@ def _check_exc_tuple(name: str, value: object) -> None:
 
 
 _DAY_S = 86400.0
+DEFAULT_MAX_RECOVERY_S = 300.0
+DEFAULT_MINIMUM_CALLS = 10
 
 
 @dataclass(frozen=True)
@@ -77,19 +79,19 @@ class CircuitBreakerConfig:
     success_threshold: int = 2
     timeout_duration: float | None = None
     failure_rate_threshold: float = 0.5
-    minimum_calls: int = 10
+    minimum_calls: int | None = None
     window_type: Literal["time", "count"] = "time"
     window_size: float = 60.0
     window_buckets: int = 10
     slow_call_duration: float | None = None
     slow_call_rate_threshold: float = 1.0
     half_open_max_calls: int = 1
-    max_recovery_timeout: float = 300.0
+    max_recovery_timeout: float | None = None
     backoff_multiplier: float = 2.0
     backoff_jitter: float = 0.1
     probe_lease: float | None = None
     max_staleness: float = 2.0
-    key_ttl: float = _DAY_S
+    key_ttl: float | None = None
     record_exceptions: tuple[type[BaseException], ...] = (Exception,)
     ignore_exceptions: tuple[type[BaseException], ...] = ()
     is_failure_result: Callable[[Any], bool] | None = field(default=None, compare=False)
@@ -108,7 +110,8 @@ class CircuitBreakerConfig:
         if self.timeout_duration is not None:
             _check_float("timeout_duration", self.timeout_duration, 0.0, _DAY_S, lo_open=True)
         _check_float("failure_rate_threshold", self.failure_rate_threshold, 0.0, 1.0, lo_open=True)
-        _check_int("minimum_calls", self.minimum_calls, 1, 1_000_000)
+        if self.minimum_calls is not None:
+            _check_int("minimum_calls", self.minimum_calls, 1, 1_000_000)
         if self.window_type not in ("time", "count"):
             raise ValueError(f"window_type must be 'time' or 'count', got {self.window_type!r}")
         if self.window_type == "count":
@@ -127,9 +130,11 @@ class CircuitBreakerConfig:
             "slow_call_rate_threshold", self.slow_call_rate_threshold, 0.0, 1.0, lo_open=True
         )
         _check_int("half_open_max_calls", self.half_open_max_calls, 1, 10_000)
-        _check_float("max_recovery_timeout", self.max_recovery_timeout, 0.0, 7 * _DAY_S,
-                     lo_open=True)
-        if self.max_recovery_timeout < self.recovery_timeout:
+        if self.max_recovery_timeout is not None:
+            _check_float("max_recovery_timeout", self.max_recovery_timeout, 0.0, 7 * _DAY_S,
+                         lo_open=True)
+        if self.max_recovery_timeout is not None and (
+                self.max_recovery_timeout < self.recovery_timeout):
             raise ValueError(
                 f"max_recovery_timeout ({self.max_recovery_timeout!r}) must be >= "
                 f"recovery_timeout ({self.recovery_timeout!r})"
@@ -139,8 +144,10 @@ class CircuitBreakerConfig:
         if self.probe_lease is not None:
             _check_float("probe_lease", self.probe_lease, 0.0, _DAY_S, lo_open=True)
         _check_float("max_staleness", self.max_staleness, 0.0, 3600.0, lo_open=True)
-        _check_float("key_ttl", self.key_ttl, 1.0, 365 * _DAY_S)
-        if self.window_type == "count" and self.minimum_calls > self.window_size:
+        if self.key_ttl is not None:
+            _check_float("key_ttl", self.key_ttl, 1.0, 365 * _DAY_S)
+        if (self.window_type == "count" and self.minimum_calls is not None
+                and self.minimum_calls > self.window_size):
             raise ValueError(
                 f"minimum_calls ({self.minimum_calls!r}) must be <= window_size "
                 f"({self.window_size!r}) for a count window, or the rate rules never apply"
@@ -151,10 +158,10 @@ class CircuitBreakerConfig:
                 f"probe_lease ({self.probe_lease!r}) must be >= timeout_duration "
                 f"({self.timeout_duration!r}), or a probe's permit expires while it runs"
             )
-        if self.key_ttl < self.max_recovery_timeout:
+        if self.key_ttl is not None and self.key_ttl < self.effective_max_recovery_timeout:
             raise ValueError(
                 f"key_ttl ({self.key_ttl!r}) must be >= max_recovery_timeout "
-                f"({self.max_recovery_timeout!r}), or an open breaker could expire"
+                f"({self.effective_max_recovery_timeout!r}), or an open breaker could expire"
             )
         _check_exc_tuple("record_exceptions", self.record_exceptions)
         _check_exc_tuple("ignore_exceptions", self.ignore_exceptions)
@@ -187,6 +194,30 @@ class CircuitBreakerConfig:
         object.__setattr__(self, "_fingerprint", hashlib.sha1(arg.encode()).hexdigest()[:12])
 
     # -- derived values -----------------------------------------------------------------
+    # Fields left at None take a default that never conflicts with the others' values.
+
+    @property
+    def effective_max_recovery_timeout(self) -> float:
+        """`max_recovery_timeout`, or by default 300 s (longer if recovery_timeout is)."""
+        if self.max_recovery_timeout is not None:
+            return self.max_recovery_timeout
+        return max(DEFAULT_MAX_RECOVERY_S, self.recovery_timeout)
+
+    @property
+    def effective_key_ttl(self) -> float:
+        """`key_ttl`, or by default a day (longer if the longest open period is)."""
+        if self.key_ttl is not None:
+            return self.key_ttl
+        return max(_DAY_S, self.effective_max_recovery_timeout)
+
+    @property
+    def effective_minimum_calls(self) -> int:
+        """`minimum_calls`, or by default 10 (fewer for a smaller count window)."""
+        if self.minimum_calls is not None:
+            return self.minimum_calls
+        if self.window_type == "count":
+            return min(DEFAULT_MINIMUM_CALLS, int(self.window_size))
+        return DEFAULT_MINIMUM_CALLS
 
     @property
     def lease_s(self) -> float:
@@ -215,17 +246,17 @@ class CircuitBreakerConfig:
             _ms(self.recovery_timeout),
             self.success_threshold,
             self.failure_rate_threshold,
-            self.minimum_calls,
+            self.effective_minimum_calls,
             1 if count else 0,
             int(self.window_size) if count else self.window_buckets,
             0 if count else max(1, _ms(self.window_size) // self.window_buckets),
             self.slow_call_rate_threshold,
             self.half_open_max_calls,
-            _ms(self.max_recovery_timeout),
+            _ms(self.effective_max_recovery_timeout),
             self.backoff_multiplier,
             self.backoff_jitter,
             _ms(self.lease_s),
-            _ms(self.key_ttl),
+            _ms(self.effective_key_ttl),
         ]
         return ",".join(repr(p) if isinstance(p, float) else str(p) for p in parts)
 

@@ -98,6 +98,14 @@ class AsyncCircuitBreakerInterface(abc.ABC, Generic[T]):
     async def reset(self) -> None: ...
 
 
+def _is_coroutine_fn(fn: Any) -> bool:
+    """A coroutine function, also behind functools.partial or a callable object."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None))  # noqa: B004
+
+
 def _is_async_client(obj: Any) -> bool:
     mod = type(obj).__module__
     return mod.startswith("redis.asyncio") or inspect.iscoroutinefunction(
@@ -162,21 +170,56 @@ class CircuitBreaker(BreakerCore, CircuitBreakerInterface[Any]):
     def call(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         """Run ``fn(*args, **kwargs)`` if the breaker admits it; record the outcome.
 
-        Raises CircuitOpenError without calling `fn` when the breaker is open.
+        Raises CircuitOpenError without calling `fn` when the breaker is open. Given a
+        coroutine function (or a callable that returns an awaitable), it returns a
+        coroutine to await: the outcome is recorded after the await, with
+        `timeout_duration` applied as `asyncio.wait_for` does, and the Redis round trips
+        run in the loop's executor. An outcome is never recorded for work not awaited.
         """
+        if _is_coroutine_fn(fn):
+            return self._acall(fn, args, kwargs)  # type: ignore[return-value]
         permit = self._fast_admit() or self._admit()
         try:
             result = fn(*args, **kwargs)
         except BaseException as e:
             self._done(permit, e, None)
             raise
+        if inspect.isawaitable(result):  # e.g. a lambda or partial around a coroutine
+            return self._await_and_finish(permit, result)  # type: ignore[return-value]
         self._done(permit, None, result)
         return result
 
+    async def _acall(self, fn: Callable[..., Any], args: tuple[Any, ...],
+                     kwargs: dict[str, Any]) -> Any:
+        permit = await self.aadmit()
+        try:
+            work = fn(*args, **kwargs)
+        except BaseException as e:
+            await self.afinish(permit, e, None)
+            raise
+        return await self._await_and_finish(permit, work)
+
+    async def _await_and_finish(self, permit: Permit, work: Awaitable[Any]) -> Any:
+        timeout = self.config.timeout_duration
+        try:
+            if timeout is None:
+                result = await work
+            else:
+                result = await asyncio.wait_for(work, timeout)
+        except BaseException as e:
+            await self.afinish(permit, e, None)
+            raise
+        await self.afinish(permit, None, result)
+        return result
+
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
-        """Use the breaker as a decorator."""
-        if inspect.iscoroutinefunction(fn):
-            raise TypeError(f"{fn.__qualname__} is a coroutine function: use AsyncCircuitBreaker")
+        """Use the breaker as a decorator, of plain and of coroutine functions."""
+        if _is_coroutine_fn(fn):
+            @functools.wraps(fn)
+            async def awrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+                return await self._acall(fn, args, kwargs)
+
+            return awrapper  # type: ignore[return-value]
 
         @functools.wraps(fn)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:

@@ -440,9 +440,10 @@ def circuit_breaker_protect(provider: Provider) -> Callable[[Callable[P, R]], Ca
         if inspect.iscoroutinefunction(fn):
             @functools.wraps(fn)
             async def awrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+                # the breaker's own async path: timeout_duration applies, the outcome is
+                # recorded after the await
                 b = get_circuit_breaker_manager().get_breaker(provider)
-                async with b.protect():
-                    return await fn(*args, **kwargs)
+                return await b.call(fn, *args, **kwargs)
 
             return awrapper  # type: ignore[return-value]
 

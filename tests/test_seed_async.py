@@ -1,0 +1,135 @@
+"""The seed's asyncio usage on the sync breakers (issue 11, first part): an outcome is
+recorded only after the work it describes was awaited, and timeouts apply.
+
+Run against the in-process store and a real redis-server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+import distbreaker
+from distbreaker import (
+    CircuitBreaker,
+    CircuitBreakerConfig,
+    CircuitOpenError,
+    CircuitState,
+    ProviderCircuitBreaker,
+    ProviderType,
+)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def backend(request: pytest.FixtureRequest, redis_client: redis.Redis) -> Iterator[Any]:
+    yield None if request.param == "memory" else redis_client
+
+
+class Boom(Exception):
+    pass
+
+
+async def failing() -> None:
+    await asyncio.sleep(0.001)
+    raise Boom("vendor down")
+
+
+async def slow() -> str:
+    await asyncio.sleep(0.3)
+    return "late"
+
+
+async def test_sync_breaker_records_an_awaited_failure_not_a_success(backend: Any) -> None:
+    pb = ProviderCircuitBreaker(ProviderType.OPENAI, CircuitBreakerConfig(
+        failure_threshold=2, max_staleness=60), redis=backend)
+    for _ in range(2):
+        with pytest.raises(Boom):
+            await pb.call(failing)
+    assert pb.get_state() is CircuitState.OPEN
+    m = pb.get_metrics()
+    assert (m.successful_calls, m.failed_calls) == (0, 2)
+    with pytest.raises(CircuitOpenError):
+        await pb.call(failing)
+    pb.close()
+
+
+async def test_a_callable_returning_a_coroutine_is_awaited_before_recording(
+        backend: Any) -> None:
+    b = CircuitBreaker("wrapped", CircuitBreakerConfig(failure_threshold=2, max_staleness=60),
+                       redis=backend)
+    for fn in (lambda: failing(), functools.partial(failing)):
+        with pytest.raises(Boom):
+            await b.call(fn)
+    m = b.get_metrics()
+    assert (m.successful_calls, m.failed_calls) == (0, 2)
+    assert b.get_state() is CircuitState.OPEN
+    b.close()
+
+
+async def test_timeout_duration_applies_to_coroutines_on_a_sync_breaker(backend: Any) -> None:
+    b = CircuitBreaker("timed", CircuitBreakerConfig(timeout_duration=0.05, max_staleness=60),
+                       redis=backend)
+    t0 = time.perf_counter()
+    with pytest.raises(asyncio.TimeoutError):
+        await b.call(slow)
+    assert time.perf_counter() - t0 < 0.25  # cancelled at the timeout, not after 0.3 s
+    m = b.get_metrics()
+    assert (m.failed_calls, m.timeouts) == (1, 1)
+
+    @b
+    async def decorated() -> str:
+        return await slow()
+
+    with pytest.raises(asyncio.TimeoutError):
+        await decorated()
+    assert b.get_metrics().failed_calls == 2
+    b.close()
+
+
+async def test_the_seed_decorator_applies_the_timeout(backend: Any) -> None:
+    distbreaker.configure(backend, default_config=CircuitBreakerConfig(
+        timeout_duration=0.05, failure_threshold=2, max_staleness=60))
+
+    @distbreaker.circuit_breaker_protect(ProviderType.OPENAI)
+    async def transcribe() -> str:
+        return await slow()
+
+    t0 = time.perf_counter()
+    with pytest.raises(asyncio.TimeoutError):
+        await transcribe()
+    assert time.perf_counter() - t0 < 0.25
+    b = distbreaker.get_circuit_breaker_manager().get_breaker(ProviderType.OPENAI)
+    assert b.get_metrics().failed_calls == 1
+    distbreaker.configure()
+
+
+async def test_an_unawaited_coroutine_call_records_nothing(backend: Any) -> None:
+    b = CircuitBreaker("unawaited", CircuitBreakerConfig(max_staleness=60), redis=backend)
+    pending = b.call(failing)  # never awaited: no permit, no outcome
+    m = b.get_metrics()
+    assert (m.total_calls, m.successful_calls, m.failed_calls) == (0, 0, 0)
+    pending.close()  # type: ignore[attr-defined]
+    b.close()
+
+
+def test_a_default_never_makes_a_valid_value_of_another_field_fail() -> None:
+    c = CircuitBreakerConfig(recovery_timeout=600)  # the seed's users do this
+    assert c.effective_max_recovery_timeout == 600
+    c = CircuitBreakerConfig(window_type="count", window_size=5)
+    assert c.effective_minimum_calls == 5
+    c = CircuitBreakerConfig(max_recovery_timeout=2 * 86400.0)
+    assert c.effective_key_ttl == 2 * 86400.0
+    # explicit values that conflict are still refused, naming both fields
+    with pytest.raises(ValueError, match="max_recovery_timeout.*recovery_timeout"):
+        CircuitBreakerConfig(recovery_timeout=600, max_recovery_timeout=300)
+    with pytest.raises(ValueError, match="minimum_calls"):
+        CircuitBreakerConfig(window_type="count", window_size=5, minimum_calls=10)
+    # the defaults encode as before: processes of older versions see no config drift
+    assert CircuitBreakerConfig().script_arg == (
+        "5,30000,2,0.5,10,0,10,6000,1.0,1,300000,2.0,0.1,10000,86400000")

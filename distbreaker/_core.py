@@ -202,6 +202,8 @@ class BreakerCore:
             retry = None if s.forced == "open" else admit_from - now
             if retry == _INF:  # held by batched mode's projection: the open period to come
                 retry = self.config.recovery_timeout
+            elif s.state is _HALF_OPEN and self.config.timeout_duration is None:
+                retry = 0.0  # a probe is out; when its result comes is not known
             if self._listeners or self._local is not None:
                 self._raise_rejected(s.state, retry)
             self._counters.reject()
@@ -478,6 +480,8 @@ class BreakerCore:
         if r.decision == 0:
             self._fire(events)
             retry = None if r.forced == "open" else max(r.retry_after_ms, 0) / 1000.0
+            if r.effective is _HALF_OPEN and self.config.timeout_duration is None:
+                retry = 0.0  # the lease's end is not when the probe's result comes
             self._raise_rejected(r.effective, retry)
         lease = str(call.args[-1]) if r.decision == 2 else ""
         if lease:
@@ -494,7 +498,7 @@ class BreakerCore:
                 self._raise_rejected(s.state, self.config.redis_timeout)
             return Permit(max(s.generation, 0), "", not s.forced)
         self._raise_rejected(s.state, None if s.forced == "open" else
-                             self.config.redis_timeout)
+                             0.0 if s.state is _HALF_OPEN else self.config.redis_timeout)
 
     def _finish(
         self, permit: Permit, exc: BaseException | None, result: Any, *, timed_out: bool = False

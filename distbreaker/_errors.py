@@ -17,9 +17,11 @@ class CircuitBreakerError(Exception):
 class CircuitOpenError(CircuitBreakerError):
     """The breaker did not admit the call.
 
-    `retry_after` is how many seconds remain until a probe may be admitted, computed from
-    Redis time (None while an operator override holds the breaker open, 0.0 when the
-    breaker is half-open and every probe permit is taken).
+    `retry_after` is how many seconds remain until a call may be admitted, computed from
+    Redis time: while OPEN, the rest of the open period; while HALF_OPEN with every probe
+    permit taken, when the probes' results are due at the latest (their leases end) if
+    `timeout_duration` bounds them, else 0.0 (not known: the breaker may close any
+    moment); None while an operator override holds the breaker open.
     """
 
     # Raised on every rejected call, so it is cheap to make: the fields live in `args`

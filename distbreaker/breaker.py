@@ -79,8 +79,9 @@ class CircuitBreakerInterface(abc.ABC, Generic[T]):
 
 
 class AsyncCircuitBreakerInterface(abc.ABC, Generic[T]):
-    """The asyncio twin: `call`, `get_metrics` and `reset` are coroutines; `is_available`
-    and `get_state` stay plain methods because they never do I/O."""
+    """The asyncio twin: `call` and `get_metrics` are coroutines; `reset` returns a task
+    that has already started (an un-awaited reset still happens); `is_available` and
+    `get_state` stay plain methods because they never do I/O."""
 
     @abc.abstractmethod
     async def call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T: ...
@@ -95,7 +96,7 @@ class AsyncCircuitBreakerInterface(abc.ABC, Generic[T]):
     async def get_metrics(self) -> CircuitBreakerMetrics: ...
 
     @abc.abstractmethod
-    async def reset(self) -> None: ...
+    def reset(self) -> Awaitable[None]: ...
 
 
 def _is_coroutine_fn(fn: Any) -> bool:
@@ -771,18 +772,43 @@ class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
         call = self._call(op, *extra)
         self._fire(self._after_record(call, await self._run(call, OPERATOR)))
 
-    async def reset(self) -> None:
+    # Operator actions start at once, as a task: one whose result is not awaited still
+    # happens (a forgotten `await` must not silently drop a reset); await it for errors.
+
+    def reset(self) -> asyncio.Task[None]:
+        """Fleet-wide: back to CLOSED, counters and override cleared; and this process's
+        metrics cleared. Starts now; await the returned task for its outcome."""
+        return self._start(self._reset())
+
+    async def _reset(self) -> None:
         await self._run_op("reset")
         self._counters.clear()
 
-    async def force_open(self) -> None:
-        await self._run_op("force", "open")
+    def force_open(self) -> asyncio.Task[None]:
+        """Fleet-wide override: reject every call until `release()`. Starts now."""
+        return self._start(self._run_op("force", "open"))
 
-    async def force_closed(self) -> None:
-        await self._run_op("force", "closed")
+    def force_closed(self) -> asyncio.Task[None]:
+        """Fleet-wide override: admit every call until `release()`. Starts now."""
+        return self._start(self._run_op("force", "closed"))
 
-    async def release(self) -> None:
-        await self._run_op("force", "")
+    def release(self) -> asyncio.Task[None]:
+        """Clear the fleet-wide override. Starts now."""
+        return self._start(self._run_op("force", ""))
+
+    def _start(self, coro: Awaitable[None]) -> asyncio.Task[None]:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            if inspect.iscoroutine(coro):
+                coro.close()
+            raise RuntimeError(f"AsyncCircuitBreaker {self.name!r}: operator actions need a "
+                               "running event loop; from sync code use CircuitBreaker (or "
+                               "the distbreaker CLI)") from None
+        task: asyncio.Task[None] = loop.create_task(coro)  # type: ignore[arg-type]
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     async def close(self) -> None:
         """Send pending outcomes (batched mode), stop listening for this breaker and

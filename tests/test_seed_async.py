@@ -133,3 +133,61 @@ def test_a_default_never_makes_a_valid_value_of_another_field_fail() -> None:
     # the defaults encode as before: processes of older versions see no config drift
     assert CircuitBreakerConfig().script_arg == (
         "5,30000,2,0.5,10,0,10,6000,1.0,1,300000,2.0,0.1,10000,86400000")
+
+
+def _boom() -> None:
+    raise Boom("down")
+
+
+@pytest.mark.parametrize("timeout", [None, 5.0])
+def test_retry_after_in_half_open(backend: Any, timeout: float | None) -> None:
+    cfg = CircuitBreakerConfig(failure_threshold=1, recovery_timeout=0.1, max_staleness=60,
+                               timeout_duration=timeout)
+    a = CircuitBreaker("ho-retry", cfg, redis=backend)
+    b = CircuitBreaker("ho-retry", cfg, redis=backend if backend is not None else a._store)
+    with pytest.raises(Boom):
+        a.call(_boom)
+    time.sleep(0.15)
+    with a.protect():  # the only probe is out
+        for who in (b, b):  # from Redis, then from b's snapshot
+            with pytest.raises(CircuitOpenError) as ei:
+                who.call(lambda: 1)
+            assert ei.value.state is CircuitState.HALF_OPEN
+            r = ei.value.retry_after
+            assert r is not None
+            if timeout is None:
+                assert r == 0.0  # not known when the probe's result comes
+            else:
+                assert 0.0 < r <= timeout  # by the end of its lease at the latest
+    a.close()
+    b.close()
+
+
+async def test_an_unawaited_async_reset_still_happens(backend: Any) -> None:
+    import redis.asyncio as aredis
+
+    from distbreaker import AsyncCircuitBreaker
+
+    kw = backend.connection_pool.connection_kwargs if backend is not None else {}
+    client = None if backend is None else aredis.Redis(host=kw["host"], port=kw["port"])
+    b = AsyncCircuitBreaker("forgot-await", CircuitBreakerConfig(max_staleness=60),
+                            redis=client)
+    await b.force_open()
+    assert b.get_state() is CircuitState.OPEN
+    b.release()  # a forgotten await: the release happens anyway
+    b.reset()
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if b.get_state() is CircuitState.CLOSED:
+            break
+    assert b.get_state() is CircuitState.CLOSED
+    assert await b.refresh() is CircuitState.CLOSED  # in the store too
+    await b.close()
+
+
+def test_async_operator_actions_outside_a_loop_say_what_to_use() -> None:
+    from distbreaker import AsyncCircuitBreaker
+
+    b = AsyncCircuitBreaker("no-loop", CircuitBreakerConfig())
+    with pytest.raises(RuntimeError, match="CircuitBreaker"):
+        b.reset()

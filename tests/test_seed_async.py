@@ -126,7 +126,7 @@ def test_a_default_never_makes_a_valid_value_of_another_field_fail() -> None:
     c = CircuitBreakerConfig(max_recovery_timeout=2 * 86400.0)
     assert c.effective_key_ttl == 2 * 86400.0
     # explicit values that conflict are still refused, naming both fields
-    with pytest.raises(ValueError, match="max_recovery_timeout.*recovery_timeout"):
+    with pytest.raises(ValueError, match=r"max_recovery_timeout.*recovery_timeout"):
         CircuitBreakerConfig(recovery_timeout=600, max_recovery_timeout=300)
     with pytest.raises(ValueError, match="minimum_calls"):
         CircuitBreakerConfig(window_type="count", window_size=5, minimum_calls=10)

@@ -16,7 +16,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Generic, ParamSpec, TypeVar
 
@@ -44,6 +44,7 @@ __all__ = [
     "AsyncCircuitBreakerInterface",
     "CircuitBreaker",
     "CircuitBreakerInterface",
+    "MetricsView",
 ]
 
 
@@ -93,10 +94,27 @@ class AsyncCircuitBreakerInterface(abc.ABC, Generic[T]):
     def get_state(self) -> CircuitState: ...
 
     @abc.abstractmethod
-    async def get_metrics(self) -> CircuitBreakerMetrics: ...
+    def get_metrics(self) -> MetricsView: ...
 
     @abc.abstractmethod
     def reset(self) -> Awaitable[None]: ...
+
+
+class MetricsView(CircuitBreakerMetrics):
+    """`AsyncCircuitBreaker.get_metrics()`: this process's counts at once, and awaitable
+    for the same with the fleet-wide window, so both ``b.get_metrics()`` (the seed's
+    way) and ``await b.get_metrics()`` work."""
+
+    @classmethod
+    def of(cls, m: CircuitBreakerMetrics, breaker: AsyncCircuitBreaker) -> MetricsView:
+        view = object.__new__(cls)
+        view.__dict__.update(m.__dict__)
+        object.__setattr__(view, "_breaker", breaker)
+        return view
+
+    def __await__(self) -> Generator[Any, None, CircuitBreakerMetrics]:
+        b: AsyncCircuitBreaker = self.__dict__["_breaker"]
+        return b._metrics_with_fleet().__await__()
 
 
 def _is_coroutine_fn(fn: Any) -> bool:
@@ -764,7 +782,13 @@ class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
         await self._refresh()
         return self.get_state()
 
-    async def get_metrics(self) -> CircuitBreakerMetrics:
+    def get_metrics(self) -> MetricsView:
+        """This process's counts, read locally (no I/O): a plain call, as on
+        `CircuitBreaker`. ``await`` it for the same plus the fleet-wide window (one round
+        trip)."""
+        return MetricsView.of(self._metrics(None), self)
+
+    async def _metrics_with_fleet(self) -> CircuitBreakerMetrics:
         return self._metrics(self._after_snapshot(await self._run(self._call("snapshot"))))
 
     async def _run_op(self, op: str, *extra: str) -> None:

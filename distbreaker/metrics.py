@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["CircuitBreakerMetrics", "FleetWindow"]
+__all__ = ["HISTORY_SIZE", "CircuitBreakerMetrics", "FleetWindow", "RequestRecord"]
 
 _LAT_RING = 1024
+HISTORY_SIZE = 100
 
 
 @dataclass(frozen=True)
@@ -32,23 +35,38 @@ class FleetWindow:
 
 
 @dataclass(frozen=True)
-class CircuitBreakerMetrics:
-    """What this process saw, and (`fleet`) what the whole fleet's window holds."""
+class RequestRecord:
+    """One finished call, in `CircuitBreakerMetrics.request_history`."""
 
-    name: str
-    state: str
-    total_calls: int
-    successful_calls: int
-    failed_calls: int
-    rejected_calls: int
-    slow_calls: int
-    timeouts: int
-    ignored_calls: int
-    stale_outcomes: int
-    state_changes: int
-    probes: int
-    mean_latency_s: float
-    p95_latency_s: float
+    at: float  # wall-clock time (time.time()) when it finished
+    latency_s: float
+    outcome: str  # "success", "failure" or "ignored"
+    slow: bool = False
+    timeout: bool = False
+
+
+@dataclass(frozen=True)
+class CircuitBreakerMetrics:
+    """What this process saw, and (`fleet`) what the whole fleet's window holds.
+
+    The seed's names read the same counts: `total_requests`, `successful_requests`,
+    `failed_requests`; `failure_rate` and `success_rate` are computed.
+    """
+
+    name: str = ""
+    state: str = "closed"
+    total_calls: int = 0
+    successful_calls: int = 0
+    failed_calls: int = 0
+    rejected_calls: int = 0
+    slow_calls: int = 0
+    timeouts: int = 0
+    ignored_calls: int = 0
+    stale_outcomes: int = 0
+    state_changes: int = 0
+    probes: int = 0
+    mean_latency_s: float = 0.0
+    p95_latency_s: float = 0.0
     fleet: FleetWindow | None = field(default=None)
     store_degraded: bool = False
     #: batched mode: record calls the writer sent, outcomes recorded but not yet applied,
@@ -65,6 +83,20 @@ class CircuitBreakerMetrics:
     #: Redis server), and whether Redis refuses it for a configuration reason right now
     store_failovers: int = 0
     store_misconfigured: bool = False
+    #: the last HISTORY_SIZE finished calls of this process, oldest first
+    request_history: tuple[RequestRecord, ...] = ()
+
+    @property
+    def total_requests(self) -> int:
+        return self.total_calls
+
+    @property
+    def successful_requests(self) -> int:
+        return self.successful_calls
+
+    @property
+    def failed_requests(self) -> int:
+        return self.failed_calls
 
     @property
     def failure_rate(self) -> float:
@@ -80,6 +112,9 @@ class CircuitBreakerMetrics:
         d = asdict(self)
         d["failure_rate"] = self.failure_rate
         d["success_rate"] = self.success_rate
+        d["total_requests"] = self.total_calls
+        d["successful_requests"] = self.successful_calls
+        d["failed_requests"] = self.failed_calls
         return d
 
 
@@ -87,6 +122,7 @@ class _Counters:
     """Thread-safe process-local counters with a bounded latency sample ring."""
 
     __slots__ = (
+        "_hist",
         "_i",
         "_lat",
         "_lock",
@@ -108,6 +144,7 @@ class _Counters:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._lat: list[float] = []
+        self._hist: deque[RequestRecord] = deque(maxlen=HISTORY_SIZE)
         self._i = 0
         self.total = self.successful = self.failed = 0
         self._rejected = itertools.count()
@@ -128,6 +165,10 @@ class _Counters:
                 self.successful += 1
             self.slow += slow
             self.timeouts += timeout
+            self._hist.append(RequestRecord(
+                time.time(), duration,
+                "ignored" if failed is None else "failure" if failed else "success",
+                slow, timeout))
             if len(self._lat) < _LAT_RING:
                 self._lat.append(duration)
             else:
@@ -153,12 +194,13 @@ class _Counters:
                 name, state, self.total, self.successful, self.failed, self.rejected,
                 self.slow, self.timeouts, self.ignored, self.stale, self.state_changes,
                 self.probes, mean, p95, fleet, store_degraded, self.batches, pending,
-                self.lost, self.unshared, failovers, misconfigured,
+                self.lost, self.unshared, failovers, misconfigured, tuple(self._hist),
             )
 
     def clear(self) -> None:
         with self._lock:
             self._lat.clear()
+            self._hist.clear()
             self._i = 0
             self.total = self.successful = self.failed = 0
             self._rejected = itertools.count()

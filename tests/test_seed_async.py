@@ -191,3 +191,35 @@ def test_async_operator_actions_outside_a_loop_say_what_to_use() -> None:
     b = AsyncCircuitBreaker("no-loop", CircuitBreakerConfig())
     with pytest.raises(RuntimeError, match="CircuitBreaker"):
         b.reset()
+
+
+async def test_metrics_the_seed_way(backend: Any) -> None:
+    import redis.asyncio as aredis
+
+    from distbreaker import AsyncCircuitBreaker, CircuitBreakerMetrics
+
+    empty = CircuitBreakerMetrics()  # buildable with no arguments
+    assert (empty.total_requests, empty.failure_rate, empty.success_rate) == (0, 0.0, 1.0)
+    kw = backend.connection_pool.connection_kwargs if backend is not None else {}
+    client = None if backend is None else aredis.Redis(host=kw["host"], port=kw["port"])
+    b = AsyncCircuitBreaker("seed-metrics", CircuitBreakerConfig(failure_threshold=10,
+                                                                 max_staleness=60),
+                            redis=client)
+
+    async def ok() -> int:
+        return 1
+
+    for i in range(4):
+        if i % 2:
+            with pytest.raises(Boom):
+                await b.call(failing)
+        else:
+            await b.call(ok)
+    m = b.get_metrics()  # a plain call, no I/O
+    assert (m.total_requests, m.successful_requests, m.failed_requests) == (4, 2, 2)
+    assert m.failure_rate == 0.5 and m.success_rate == 0.5
+    assert [r.outcome for r in m.request_history] == ["success", "failure"] * 2
+    assert all(r.latency_s >= 0 and r.at > 0 for r in m.request_history)
+    full = await b.get_metrics()  # awaited: with the fleet window
+    assert full.fleet is not None and full.total_requests == 4
+    await b.close()

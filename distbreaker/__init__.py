@@ -15,10 +15,11 @@ from ._errors import (
 from .breaker import (
     AsyncCircuitBreaker,
     AsyncCircuitBreakerInterface,
+    BaseCircuitBreaker,
     CircuitBreaker,
     CircuitBreakerInterface,
 )
-from .metrics import CircuitBreakerMetrics, FleetWindow
+from .metrics import CircuitBreakerMetrics, FleetWindow, RequestRecord
 from .providers import (
     AllProvidersUnavailableError,
     AsyncCircuitBreakerManager,
@@ -41,6 +42,7 @@ __all__ = [
     "AsyncCircuitBreakerInterface",
     "AsyncCircuitBreakerManager",
     "AsyncProviderCircuitBreaker",
+    "BaseCircuitBreaker",
     "CircuitBreaker",
     "CircuitBreakerConfig",
     "CircuitBreakerError",
@@ -56,6 +58,7 @@ __all__ = [
     "ProviderCircuitBreaker",
     "ProviderType",
     "RedisMisconfiguredError",
+    "RequestRecord",
     "StoreUnavailableError",
     "__version__",
     "circuit_breaker_protect",

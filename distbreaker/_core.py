@@ -181,6 +181,11 @@ class BreakerCore:
         return self._cell.snap.state
 
     @property
+    def state(self) -> CircuitState:
+        """`get_state()`, as an attribute (the seed's way)."""
+        return self._cell.snap.state
+
+    @property
     def snapshot(self) -> LocalSnapshot:
         return self._cell.snap
 

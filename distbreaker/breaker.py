@@ -16,13 +16,15 @@ import logging
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from contextlib import asynccontextmanager
+from types import TracebackType
 from typing import Any, Generic, ParamSpec, TypeVar
 
 from ._batch import thread_writer
 from ._config import CircuitBreakerConfig, CircuitState
 from ._core import _LIVE, BACKGROUND, CALLER, OPERATOR, WRITER, BreakerCore, Permit, StateChangeHook
+from ._dual import COMPLETED, Completed
 from ._errors import RedisMisconfiguredError, StoreUnavailableError
 from ._failsafe import (
     STORE_ERRORS,
@@ -42,6 +44,7 @@ from .stores import AsyncMemoryStore, AsyncRedisStore, MemoryStore, RedisStore
 __all__ = [
     "AsyncCircuitBreaker",
     "AsyncCircuitBreakerInterface",
+    "BaseCircuitBreaker",
     "CircuitBreaker",
     "CircuitBreakerInterface",
     "MetricsView",
@@ -76,7 +79,7 @@ class CircuitBreakerInterface(abc.ABC, Generic[T]):
     def get_metrics(self) -> CircuitBreakerMetrics: ...
 
     @abc.abstractmethod
-    def reset(self) -> None: ...
+    def reset(self) -> Completed: ...
 
 
 class AsyncCircuitBreakerInterface(abc.ABC, Generic[T]):
@@ -147,6 +150,38 @@ def _check_client(redis: Any, want_async: bool) -> None:
         other = "AsyncCircuitBreaker" if not want_async else "CircuitBreaker"
         raise TypeError(f"{cls} got {kind} client ({type(redis).__name__}); use {other}, "
                         f"or pass {hint}")
+
+
+class _Protect:
+    """`CircuitBreaker.protect()`: usable as ``with`` and as ``async with``.
+
+    Under ``async with`` the Redis round trips of a sync client run in a worker thread, so
+    the event loop never blocks on them; the local fast path runs inline.
+    """
+
+    __slots__ = ("_breaker", "_permit")
+
+    def __init__(self, breaker: CircuitBreaker) -> None:
+        self._breaker = breaker
+        self._permit: Permit | None = None
+
+    def __enter__(self) -> Permit:
+        self._permit = self._breaker._admit()
+        return self._permit
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        assert self._permit is not None
+        self._breaker._done(self._permit, e, None)
+
+    async def __aenter__(self) -> Permit:
+        self._permit = await self._breaker.aadmit()
+        return self._permit
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        assert self._permit is not None
+        await self._breaker.afinish(self._permit, e, None)
 
 
 class CircuitBreaker(BreakerCore, CircuitBreakerInterface[Any]):
@@ -246,17 +281,12 @@ class CircuitBreaker(BreakerCore, CircuitBreakerInterface[Any]):
 
         return wrapper
 
-    @contextmanager
-    def protect(self) -> Iterator[Permit]:
-        """Guard a block: raises CircuitOpenError on entry if not admitted; an exception in
-        the block is a failure (per the config), `permit.mark_failure()` marks one too."""
-        permit = self._admit()
-        try:
-            yield permit
-        except BaseException as e:
-            self._done(permit, e, None)
-            raise
-        self._done(permit, None, None)
+    def protect(self) -> _Protect:
+        """Guard a block, with ``with`` or ``async with``: raises CircuitOpenError on entry
+        if not admitted; an exception in the block is a failure (per the config),
+        `permit.mark_failure()` marks one too. Under ``async with`` the Redis round trips
+        run in the loop's executor, so the event loop never waits on them."""
+        return _Protect(self)
 
     def _run(self, call: ScriptCall, mode: int = CALLER) -> Any:
         """Run a script call. A caller waits at most `redis_timeout`: without a reply by
@@ -457,23 +487,27 @@ class CircuitBreaker(BreakerCore, CircuitBreakerInterface[Any]):
         call = self._call(op, *extra)
         self._fire(self._after_record(call, self._run(call, OPERATOR)))
 
-    def reset(self) -> None:
+    def reset(self) -> Completed:
         """Fleet-wide: back to CLOSED, counters and override cleared; and this process's
         metrics cleared."""
         self._run_op("reset")
         self._counters.clear()
+        return COMPLETED
 
-    def force_open(self) -> None:
+    def force_open(self) -> Completed:
         """Fleet-wide override: reject every call until `release()`."""
         self._run_op("force", "open")
+        return COMPLETED
 
-    def force_closed(self) -> None:
+    def force_closed(self) -> Completed:
         """Fleet-wide override: admit every call until `release()`; outcomes are not counted."""
         self._run_op("force", "closed")
+        return COMPLETED
 
-    def release(self) -> None:
+    def release(self) -> Completed:
         """Clear the fleet-wide override; the breaker resumes from its own state."""
         self._run_op("force", "")
+        return COMPLETED
 
     def close(self) -> None:
         """Send pending outcomes (batched mode), stop listening for this breaker and
@@ -877,6 +911,12 @@ def _check_error(b: BreakerCore, exc: BaseException) -> Exception:
         return RedisMisconfiguredError(f"breaker {b.name!r}: {misconfig_hint(exc, label)}")
     return StoreUnavailableError(b.name, b.get_state(), None,
                                  f"Redis at {label} did not serve this breaker: {exc}")
+
+
+class BaseCircuitBreaker(CircuitBreaker):
+    """The seed's name for the breaker: `CircuitBreaker`, which guards plain functions
+    and coroutine functions alike (``await b.call(coro_fn)``, ``async with
+    b.protect()``), on the in-process store or, with ``redis=``, shared through Redis."""
 
 
 def _flush_at_exit() -> None:

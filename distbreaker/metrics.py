@@ -6,6 +6,7 @@ import itertools
 import threading
 import time
 from collections import deque
+from collections.abc import Generator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -107,6 +108,11 @@ class CircuitBreakerMetrics:
     def success_rate(self) -> float:
         done = self.successful_calls + self.failed_calls
         return self.successful_calls / done if done else 1.0
+
+    def __await__(self) -> Generator[Any, None, CircuitBreakerMetrics]:
+        """Awaitable to itself: the seed's asyncio code awaits get_metrics()."""
+        return self
+        yield
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -16,11 +16,11 @@ import logging
 import os
 import threading
 from collections.abc import Awaitable, Callable, Iterable
-from types import TracebackType
 from typing import Any, Generic, ParamSpec, TypeVar
 
 from ._config import CircuitBreakerConfig, CircuitState
-from ._core import Permit, StateChangeHook
+from ._core import StateChangeHook
+from ._dual import COMPLETED, AwaitableDict, AwaitableList, Completed
 from ._errors import CircuitBreakerError, CircuitOpenError
 from ._keys import DEFAULT_PREFIX
 from .breaker import AsyncCircuitBreaker, CircuitBreaker, _is_async_client
@@ -78,46 +78,38 @@ def breaker_name(provider: Provider) -> str:
     return f"provider_{provider_key(provider)}"
 
 
-class _Protect:
-    """`protect()` of a provider breaker: usable as ``with`` and as ``async with``.
-
-    Under ``async with`` the Redis round trips of a sync client run in a worker thread, so
-    the event loop never blocks on them; the local fast path runs inline.
-    """
-
-    __slots__ = ("_breaker", "_permit")
-
-    def __init__(self, breaker: ProviderCircuitBreaker) -> None:
-        self._breaker = breaker
-        self._permit: Permit | None = None
-
-    def __enter__(self) -> Permit:
-        self._permit = self._breaker._admit()
-        return self._permit
-
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        assert self._permit is not None
-        self._breaker._done(self._permit, e, None)
-
-    async def __aenter__(self) -> Permit:
-        self._permit = await self._breaker.aadmit()
-        return self._permit
-
-    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        assert self._permit is not None
-        await self._breaker.afinish(self._permit, e, None)
+def _provider_arg(provider: Provider | None, provider_type: Provider | None) -> Provider:
+    if provider is not None and provider_type is not None:
+        raise TypeError("pass the provider or provider_type=, not both")
+    p = provider if provider is not None else provider_type
+    if p is None:
+        raise TypeError("a provider is required: ProviderCircuitBreaker(ProviderType.OPENAI)")
+    return p
 
 
-class ProviderCircuitBreaker(CircuitBreaker):
-    """The shared breaker of one provider, named ``provider_<value>``."""
+class _ProviderMixin:
+    provider: str
+
+    @property
+    def provider_type(self) -> ProviderType | str:
+        """The provider as a `ProviderType` when it is one (the seed's attribute)."""
+        try:
+            return ProviderType(self.provider)
+        except ValueError:
+            return self.provider
+
+
+class ProviderCircuitBreaker(_ProviderMixin, CircuitBreaker):
+    """The shared breaker of one provider, named ``provider_<value>``. It guards plain
+    and coroutine functions alike (``await pb.call(coro_fn)``, ``async with
+    pb.protect()``): the seed's asyncio code runs on it unchanged."""
 
     def __init__(
         self,
-        provider: Provider,
+        provider: Provider | None = None,
         config: CircuitBreakerConfig | None = None,
         *,
+        provider_type: Provider | None = None,
         redis: Any = None,
         on_state_change: StateChangeHook | None = None,
         prefix: str = DEFAULT_PREFIX,
@@ -125,28 +117,26 @@ class ProviderCircuitBreaker(CircuitBreaker):
         if redis is not None and _is_async_client(redis):
             raise TypeError("ProviderCircuitBreaker got an asyncio client; use "
                             "AsyncProviderCircuitBreaker, or pass a redis.Redis client")
+        provider = _provider_arg(provider, provider_type)
         self.provider = provider_key(provider)
         super().__init__(breaker_name(provider), config, redis=redis,
                          on_state_change=on_state_change, prefix=prefix)
 
-    def protect(self) -> _Protect:  # type: ignore[override]
-        """``with`` / ``async with``: records success or failure, raises CircuitOpenError
-        when the provider is unavailable."""
-        return _Protect(self)
 
-
-class AsyncProviderCircuitBreaker(AsyncCircuitBreaker):
+class AsyncProviderCircuitBreaker(_ProviderMixin, AsyncCircuitBreaker):
     """The asyncio twin of `ProviderCircuitBreaker` (``async with breaker.protect()``)."""
 
     def __init__(
         self,
-        provider: Provider,
+        provider: Provider | None = None,
         config: CircuitBreakerConfig | None = None,
         *,
+        provider_type: Provider | None = None,
         redis: Any = None,
         on_state_change: StateChangeHook | None = None,
         prefix: str = DEFAULT_PREFIX,
     ) -> None:
+        provider = _provider_arg(provider, provider_type)
         self.provider = provider_key(provider)
         super().__init__(breaker_name(provider), config, redis=redis,
                          on_state_change=on_state_change, prefix=prefix)
@@ -221,9 +211,11 @@ class _ManagerBase(Generic[B]):
             keys = sorted(self._order, key=self._order.__getitem__)
             return [self._originals[k] for k in keys]
 
-    def get_all_available_providers(self) -> list[Provider]:
-        """Providers whose breaker admits calls now (local snapshots, no I/O)."""
-        return [p for p in self.providers if self._breakers[provider_key(p)].is_available()]
+    def get_all_available_providers(self) -> AwaitableList[Provider]:
+        """Providers whose breaker admits calls now (local snapshots, no I/O); awaitable
+        too, for the seed's asyncio code."""
+        return AwaitableList(p for p in self.providers
+                             if self._breakers[provider_key(p)].is_available())
 
     def _ordered(self, providers: Iterable[Provider] | None) -> list[Provider]:
         if providers is None:
@@ -280,10 +272,10 @@ class CircuitBreakerManager(_ManagerBase[ProviderCircuitBreaker]):
 
     _breaker_cls = ProviderCircuitBreaker
 
-    def get_system_health(self) -> dict[str, Any]:
+    def get_system_health(self) -> AwaitableDict:
         """JSON-serialisable health of every provider (one round trip each), with an overall
         `status`: healthy (all closed), degraded (some not closed), critical (none
-        available)."""
+        available or Redis misconfigured). Awaitable too, for the seed's asyncio code."""
         snaps: dict[str, tuple[ProviderCircuitBreaker, Any]] = {}
         for p in self.providers:
             b = self._breakers[provider_key(p)]
@@ -293,11 +285,12 @@ class CircuitBreakerManager(_ManagerBase[ProviderCircuitBreaker]):
                 log.warning("health read of %s failed: %s", b.name, e)
                 m = None
             snaps[provider_key(p)] = (b, m)
-        return self._health(snaps)
+        return AwaitableDict(self._health(snaps))
 
-    def reset_all(self) -> None:
+    def reset_all(self) -> Completed:
         for p in self.providers:
             self._breakers[provider_key(p)].reset()
+        return COMPLETED
 
     def call_with_fallback(self, providers: Iterable[Provider] | None,
                            fn: Callable[[Provider], R]) -> R:

@@ -38,7 +38,7 @@ from ._failsafe import (
 from ._keys import DEFAULT_PREFIX
 from ._ops import ScriptCall
 from ._sync import AsyncHub, MemoryHub, ThreadHub
-from .metrics import CircuitBreakerMetrics
+from .metrics import CircuitBreakerMetrics, FleetWindow
 from .stores import AsyncMemoryStore, AsyncRedisStore, MemoryStore, RedisStore
 
 __all__ = [
@@ -480,8 +480,13 @@ class CircuitBreaker(BreakerCore, CircuitBreakerInterface[Any]):
         return self.get_state()
 
     def get_metrics(self) -> CircuitBreakerMetrics:
-        """This process's counts plus the fleet-wide window (one round trip)."""
+        """This process's counts plus the fleet-wide window (one round trip, at most
+        redis_timeout; the window is None when Redis did not answer in time)."""
         return self._metrics(self._after_snapshot(self._run(self._call("snapshot"))))
+
+    def fleet_window(self) -> FleetWindow | None:
+        """The fleet-wide window alone, as Redis holds it now (one round trip)."""
+        return self.get_metrics().fleet
 
     def _run_op(self, op: str, *extra: str) -> None:
         call = self._call(op, *extra)
@@ -821,6 +826,10 @@ class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
         `CircuitBreaker`. ``await`` it for the same plus the fleet-wide window (one round
         trip)."""
         return MetricsView.of(self._metrics(None), self)
+
+    async def fleet_window(self) -> FleetWindow | None:
+        """The fleet-wide window alone, as Redis holds it now (one round trip)."""
+        return (await self._metrics_with_fleet()).fleet
 
     async def _metrics_with_fleet(self) -> CircuitBreakerMetrics:
         return self._metrics(self._after_snapshot(await self._run(self._call("snapshot"))))

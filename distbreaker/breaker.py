@@ -584,10 +584,13 @@ class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
             self._hub_running()
         timeout = self.config.timeout_duration
         try:
-            if timeout is None:
-                result = await fn(*args, **kwargs)
+            work = fn(*args, **kwargs)
+            if not inspect.isawaitable(work):  # a plain function: its result as it is
+                result: Any = work
+            elif timeout is None:
+                result = await work
             else:
-                result = await asyncio.wait_for(fn(*args, **kwargs), timeout)
+                result = await asyncio.wait_for(work, timeout)
         except asyncio.TimeoutError as e:
             await self._done(permit, e, None, timed_out=timeout is not None)
             raise
@@ -597,11 +600,12 @@ class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
         record = self._finish(permit, None, result)
         if record is not None:
             self._fire(self._after_record(record, await self._run(record)))
-        return result
+        return result  # type: ignore[no-any-return]
 
     def __call__(self, fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-        """Use the breaker as a decorator of coroutine functions."""
-        if not inspect.iscoroutinefunction(fn):
+        """Use the breaker as a decorator of coroutine functions (a plain function would
+        have to run on the event loop: guard it with `CircuitBreaker`)."""
+        if not _is_coroutine_fn(fn):
             raise TypeError(f"{getattr(fn, '__qualname__', fn)!r} is not a coroutine function: "
                             "use CircuitBreaker")
 

@@ -297,6 +297,9 @@ class CircuitBreakerManager(_ManagerBase[ProviderCircuitBreaker]):
         """Call ``fn(provider)`` on the first provider that admits it and succeeds, in
         order; record each outcome on that provider's breaker. Raises
         AllProvidersUnavailableError with every provider's cause if none succeeds."""
+        if inspect.iscoroutinefunction(fn):
+            raise TypeError(f"{getattr(fn, '__qualname__', fn)!r} is a coroutine function: "
+                            "await manager.acall_with_fallback(providers, fn) instead")
         causes: dict[str, BaseException] = {}
         for p in self._ordered(providers):
             b = self.get_breaker(p)

@@ -223,3 +223,30 @@ async def test_metrics_the_seed_way(backend: Any) -> None:
     full = await b.get_metrics()  # awaited: with the fleet window
     assert full.fleet is not None and full.total_requests == 4
     await b.close()
+
+
+async def test_the_async_breaker_guards_a_plain_function_too() -> None:
+    from distbreaker import AsyncCircuitBreaker
+
+    b = AsyncCircuitBreaker("plain-on-async", CircuitBreakerConfig(failure_threshold=2))
+    assert await b.call(lambda: 5) == 5
+    for _ in range(2):
+        with pytest.raises(Boom):
+            await b.call(_boom)
+    assert b.get_state() is CircuitState.OPEN
+    m = b.get_metrics()
+    assert (m.successful_calls, m.failed_calls) == (1, 2)
+
+
+def test_call_with_fallback_refuses_a_coroutine_function() -> None:
+    from distbreaker import CircuitBreakerManager
+
+    m = CircuitBreakerManager()
+    m.register_provider(ProviderType.OPENAI)
+
+    async def fn(p: Any) -> str:
+        return "x"
+
+    with pytest.raises(TypeError, match="acall_with_fallback"):
+        m.call_with_fallback(None, fn)
+    m.close()

@@ -12,7 +12,7 @@ import enum
 import hashlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 __all__ = ["DEFAULT_PROBE_LEASE_S", "CircuitBreakerConfig", "CircuitState"]
@@ -64,7 +64,7 @@ DEFAULT_MAX_RECOVERY_S = 300.0
 DEFAULT_MINIMUM_CALLS = 10
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class CircuitBreakerConfig:
     """How one breaker decides. Every field is checked in `__post_init__`.
 
@@ -192,6 +192,24 @@ class CircuitBreakerConfig:
         arg = self._encode()
         object.__setattr__(self, "_script_arg", arg)
         object.__setattr__(self, "_fingerprint", hashlib.sha1(arg.encode()).hexdigest()[:12])
+
+    # -- equality: by the values in force --------------------------------------------------
+
+    def _key(self) -> tuple[Any, ...]:
+        eff = {"max_recovery_timeout": self.effective_max_recovery_timeout,
+               "key_ttl": self.effective_key_ttl,
+               "minimum_calls": self.effective_minimum_calls}
+        return tuple(eff.get(f.name, getattr(self, f.name)) for f in fields(self) if f.compare)
+
+    def __eq__(self, other: object) -> bool:
+        """Configs that decide alike are equal: a default that follows another field
+        equals the value it stands for."""
+        if not isinstance(other, CircuitBreakerConfig):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
 
     # -- derived values -----------------------------------------------------------------
     # Fields left at None take a default that never conflicts with the others' values.

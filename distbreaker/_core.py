@@ -177,13 +177,19 @@ class BreakerCore:
         return now >= self._cell.admit_from
 
     def get_state(self) -> CircuitState:
-        """The effective state (override included) as this process last saw it."""
-        return self._cell.snap.state
+        """The effective state (override included) as this process sees it: an OPEN
+        breaker whose open period is over is HALF_OPEN (Redis moves it there with the
+        next call, which is a probe)."""
+        cell = self._cell
+        s = cell.snap
+        if s.state is _OPEN and not s.forced and _monotonic() >= cell.admit_from:
+            return _HALF_OPEN
+        return s.state
 
     @property
     def state(self) -> CircuitState:
         """`get_state()`, as an attribute (the seed's way)."""
-        return self._cell.snap.state
+        return self.get_state()
 
     @property
     def snapshot(self) -> LocalSnapshot:

@@ -10,6 +10,7 @@ import abc
 import asyncio
 import atexit
 import contextlib
+import dataclasses
 import functools
 import inspect
 import logging
@@ -36,7 +37,7 @@ from ._failsafe import (
     unshare_client,
 )
 from ._keys import DEFAULT_PREFIX
-from ._ops import ScriptCall
+from ._ops import Code, ScriptCall
 from ._sync import AsyncHub, MemoryHub, ThreadHub
 from .metrics import CircuitBreakerMetrics, FleetWindow
 from .stores import AsyncMemoryStore, AsyncRedisStore, MemoryStore, RedisStore
@@ -116,8 +117,33 @@ class MetricsView(CircuitBreakerMetrics):
         return view
 
     def __await__(self) -> Generator[Any, None, CircuitBreakerMetrics]:
-        b: AsyncCircuitBreaker = self.__dict__["_breaker"]
+        b: AsyncCircuitBreaker | None = self.__dict__.get("_breaker")
+        if b is None:  # a copy (dataclasses.replace): the counts it holds
+            return super().__await__()
         return b._metrics_with_fleet().__await__()
+
+    def plain(self) -> CircuitBreakerMetrics:
+        """The same counts as a plain CircuitBreakerMetrics (comparable, picklable)."""
+        return CircuitBreakerMetrics(**{f.name: getattr(self, f.name)
+                                        for f in dataclasses.fields(self)})
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, CircuitBreakerMetrics):
+            return bool(self.to_dict() == other.to_dict())
+        return NotImplemented
+
+    __hash__ = CircuitBreakerMetrics.__hash__
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_plain_metrics, ({f.name: getattr(self, f.name)
+                                  for f in dataclasses.fields(self)},))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> CircuitBreakerMetrics:
+        return self.plain()
+
+
+def _plain_metrics(kw: dict[str, Any]) -> CircuitBreakerMetrics:
+    return CircuitBreakerMetrics(**kw)
 
 
 def _is_coroutine_fn(fn: Any) -> bool:
@@ -238,16 +264,32 @@ class CircuitBreaker(BreakerCore, CircuitBreakerInterface[Any]):
         except BaseException as e:
             self._done(permit, e, None)
             raise
-        if inspect.isawaitable(result):  # e.g. a lambda or partial around a coroutine
-            return self._await_and_finish(permit, result)  # type: ignore[return-value]
+        if inspect.iscoroutine(result) or isinstance(result, asyncio.Future):
+            # a lambda or wrapper around a coroutine: nothing has run yet. Hold no permit
+            # for work that may never be awaited: give it back, admit again when awaited.
+            self._release_unused(permit)
+            return self._acall(None, (result,), {})  # type: ignore[return-value]
         self._done(permit, None, result)
         return result
 
-    async def _acall(self, fn: Callable[..., Any], args: tuple[Any, ...],
+    def _release_unused(self, permit: Permit) -> None:
+        """Give back a permit without recording anything (only a lease has a cost)."""
+        if permit.lease:
+            call = self._call("record", "", permit.generation, int(Code.NONE), permit.lease, 0)
+            with contextlib.suppress(Exception):
+                self._after_record(call, self._run(call))
+
+    async def _acall(self, fn: Callable[..., Any] | None, args: tuple[Any, ...],
                      kwargs: dict[str, Any]) -> Any:
-        permit = await self.aadmit()
+        """`fn` None: `args[0]` is the awaitable to guard, already created."""
         try:
-            work = fn(*args, **kwargs)
+            permit = await self.aadmit()
+        except BaseException:
+            if fn is None and inspect.iscoroutine(args[0]):
+                args[0].close()  # rejected: it will never run
+            raise
+        try:
+            work = args[0] if fn is None else fn(*args, **kwargs)
         except BaseException as e:
             await self.afinish(permit, e, None)
             raise
@@ -882,8 +924,11 @@ class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
         return task
 
     async def close(self) -> None:
-        """Send pending outcomes (batched mode), stop listening for this breaker and
-        release its connections. Idempotent."""
+        """Finish pending operator actions and send pending outcomes (batched mode), stop
+        listening for this breaker and release its connections. Idempotent."""
+        pending = [t for t in self._background if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=CLOSE_FLUSH_TIMEOUT_S)
         if self._attached is not None and not await self.flush(CLOSE_FLUSH_TIMEOUT_S):
             self._warn_unapplied("closed")
         client = self._attached[2] if self._attached is not None else None
@@ -926,10 +971,10 @@ def _check_error(b: BreakerCore, exc: BaseException) -> Exception:
                                  f"Redis at {label} did not serve this breaker: {exc}")
 
 
-class BaseCircuitBreaker(CircuitBreaker):
-    """The seed's name for the breaker: `CircuitBreaker`, which guards plain functions
-    and coroutine functions alike (``await b.call(coro_fn)``, ``async with
-    b.protect()``), on the in-process store or, with ``redis=``, shared through Redis."""
+#: The seed's name for the breaker: `CircuitBreaker` itself, which guards plain functions
+#: and coroutine functions alike (``await b.call(coro_fn)``, ``async with b.protect()``),
+#: on the in-process store or, with ``redis=``, shared through Redis.
+BaseCircuitBreaker = CircuitBreaker
 
 
 def _flush_at_exit() -> None:

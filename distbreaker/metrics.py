@@ -124,6 +124,24 @@ class CircuitBreakerMetrics:
         return d
 
 
+_SEED_NAMES = {"total_requests": "total_calls", "successful_requests": "successful_calls",
+               "failed_requests": "failed_calls"}
+_dataclass_init = CircuitBreakerMetrics.__init__
+
+
+def _init_with_seed_names(self: CircuitBreakerMetrics, *args: Any, **kw: Any) -> None:
+    """The seed built metrics with its names (total_requests=...): accept them too."""
+    for seed, name in _SEED_NAMES.items():
+        if seed in kw:
+            if name in kw:
+                raise TypeError(f"pass {seed} or {name}, not both")
+            kw[name] = kw.pop(seed)
+    _dataclass_init(self, *args, **kw)
+
+
+CircuitBreakerMetrics.__init__ = _init_with_seed_names  # type: ignore[method-assign]
+
+
 class _Counters:
     """Thread-safe process-local counters with a bounded latency sample ring."""
 

@@ -21,7 +21,7 @@ from typing import Any, Generic, ParamSpec, TypeVar
 from ._config import CircuitBreakerConfig, CircuitState
 from ._core import StateChangeHook
 from ._dual import COMPLETED, AwaitableDict, AwaitableList, Completed
-from ._errors import CircuitBreakerError, CircuitOpenError
+from ._errors import CircuitBreakerError
 from ._keys import DEFAULT_PREFIX
 from .breaker import AsyncCircuitBreaker, CircuitBreaker, _is_async_client
 from .stores import MemoryStore
@@ -304,11 +304,15 @@ class CircuitBreakerManager(_ManagerBase[ProviderCircuitBreaker]):
         for p in self._ordered(providers):
             b = self.get_breaker(p)
             try:
-                return b.call(fn, p)
-            except CircuitOpenError as e:
+                r = b.call(fn, p)
+            except Exception as e:  # CircuitOpenError or the provider's own
                 causes[provider_key(p)] = e
-            except Exception as e:
-                causes[provider_key(p)] = e
+                continue
+            if inspect.iscoroutine(r):  # fn returned a coroutine: nothing ran yet
+                r.close()
+                raise TypeError(f"{getattr(fn, '__qualname__', fn)!r} returned a coroutine: "
+                                "await manager.acall_with_fallback(providers, fn) instead")
+            return r
         raise AllProvidersUnavailableError(causes)
 
     async def acall_with_fallback(self, providers: Iterable[Provider] | None,
@@ -318,8 +322,9 @@ class CircuitBreakerManager(_ManagerBase[ProviderCircuitBreaker]):
         for p in self._ordered(providers):
             b = self.get_breaker(p)
             try:
-                async with b.protect():
-                    return await fn(p)
+                # the breaker's own path: timeout_duration applies, recorded after the await
+                r: Any = b.call(fn, p)
+                return await r if inspect.isawaitable(r) else r  # type: ignore[no-any-return]
             except Exception as e:
                 causes[provider_key(p)] = e
         raise AllProvidersUnavailableError(causes)

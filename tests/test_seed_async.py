@@ -250,3 +250,69 @@ def test_call_with_fallback_refuses_a_coroutine_function() -> None:
     with pytest.raises(TypeError, match="acall_with_fallback"):
         m.call_with_fallback(None, fn)
     m.close()
+
+
+async def test_review_fixes_of_the_seed_api(backend: Any) -> None:
+    import pickle
+
+    from distbreaker import (
+        AsyncCircuitBreaker,
+        BaseCircuitBreaker,
+        CircuitBreakerManager,
+        CircuitBreakerMetrics,
+    )
+
+    # a plain function returning an awaitable-but-not-coroutine value is a plain result
+    b = CircuitBreaker("plain-result", CircuitBreakerConfig(max_staleness=60), redis=backend)
+    other = CircuitBreaker("other", CircuitBreakerConfig(max_staleness=60), redis=backend)
+    m = b.call(other.get_metrics)
+    assert isinstance(m, CircuitBreakerMetrics)
+    assert b.get_metrics().successful_calls == 1
+    assert isinstance(b, BaseCircuitBreaker)
+    # the seed's names build metrics too
+    built = CircuitBreakerMetrics(total_requests=10, failed_requests=3, successful_requests=7)
+    assert (built.total_calls, built.failure_rate) == (10, 0.3)
+    # equivalent configs are equal (a default that follows a field equals its value)
+    assert CircuitBreakerConfig() == CircuitBreakerConfig(
+        minimum_calls=10, max_recovery_timeout=300.0, key_ttl=86400.0)
+    mgr = CircuitBreakerManager(backend)
+    first = mgr.register_provider("openai", CircuitBreakerConfig())
+    assert mgr.register_provider("openai", CircuitBreakerConfig(minimum_calls=10)) is first
+    mgr.close()
+    # an OPEN breaker whose open period is over reads HALF_OPEN
+    t = CircuitBreaker("lazy-ho", CircuitBreakerConfig(failure_threshold=1,
+                                                       recovery_timeout=0.1), redis=backend)
+    with pytest.raises(Boom):
+        t.call(_boom)
+    assert t.get_state() is CircuitState.OPEN
+    await asyncio.sleep(0.15)
+    assert t.get_state() is CircuitState.HALF_OPEN and t.state is CircuitState.HALF_OPEN
+    # async metrics views pickle and compare as plain metrics
+    a = AsyncCircuitBreaker("view")
+    view = a.get_metrics()
+    assert pickle.loads(pickle.dumps(view)) == view.plain() == view
+    # a pending operator action finishes before close() returns
+    await a.force_open()
+    a.release()
+    await a.close()
+    assert a.get_state() is CircuitState.CLOSED
+    for x in (b, other, t):
+        x.close()
+
+
+@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited")  # the user's, on purpose
+async def test_a_lambda_around_a_coroutine_holds_no_probe_until_awaited(
+        backend: Any) -> None:
+    cfg = CircuitBreakerConfig(failure_threshold=1, recovery_timeout=0.1, max_staleness=60)
+    b = CircuitBreaker("lambda-probe", cfg, redis=backend)
+    with pytest.raises(Boom):
+        b.call(_boom)
+    await asyncio.sleep(0.15)
+
+    async def ok() -> int:
+        return 1
+
+    never = b.call(lambda: ok())  # created, never awaited: must not keep the probe
+    never.close()  # type: ignore[attr-defined]
+    assert await b.call(lambda: ok()) == 1  # the probe is still there to take
+    b.close()

@@ -177,19 +177,15 @@ class BreakerCore:
         return now >= self._cell.admit_from
 
     def get_state(self) -> CircuitState:
-        """The effective state (override included) as this process sees it: an OPEN
-        breaker whose open period is over is HALF_OPEN (Redis moves it there with the
-        next call, which is a probe)."""
-        cell = self._cell
-        s = cell.snap
-        if s.state is _OPEN and not s.forced and _monotonic() >= cell.admit_from:
-            return _HALF_OPEN
-        return s.state
+        """The effective state (override included) as this process last saw it. An OPEN
+        breaker stays OPEN after its open period until a call asks Redis (which moves it
+        to HALF_OPEN and makes that call the probe); `is_available()` is True then."""
+        return self._cell.snap.state
 
     @property
     def state(self) -> CircuitState:
         """`get_state()`, as an attribute (the seed's way)."""
-        return self.get_state()
+        return self._cell.snap.state
 
     @property
     def snapshot(self) -> LocalSnapshot:

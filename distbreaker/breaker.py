@@ -146,6 +146,30 @@ def _plain_metrics(kw: dict[str, Any]) -> CircuitBreakerMetrics:
     return CircuitBreakerMetrics(**kw)
 
 
+class LocalMetrics(MetricsView):
+    """`CircuitBreaker.get_metrics()`: this process's counts, read locally (no I/O);
+    `fleet`, the fleet-wide window, is read from Redis when first used (one round trip,
+    at most redis_timeout), so code that never looks at it never waits for it."""
+
+    @classmethod
+    def local(cls, m: CircuitBreakerMetrics, breaker: CircuitBreaker) -> LocalMetrics:
+        view = object.__new__(cls)
+        view.__dict__.update(m.__dict__)
+        object.__setattr__(view, "_sync_breaker", breaker)
+        return view
+
+    @property
+    def fleet(self) -> FleetWindow | None:
+        d = self.__dict__
+        b: CircuitBreaker | None = d.pop("_sync_breaker", None)
+        if b is not None:
+            d["fleet"] = b.fleet_window()
+        return d.get("fleet")
+
+    def __await__(self) -> Generator[Any, None, CircuitBreakerMetrics]:
+        return CircuitBreakerMetrics.__await__(self)
+
+
 def _is_coroutine_fn(fn: Any) -> bool:
     """A coroutine function, also behind functools.partial or a callable object."""
     while isinstance(fn, functools.partial):
@@ -521,14 +545,15 @@ class CircuitBreaker(BreakerCore, CircuitBreakerInterface[Any]):
         self._refresh()
         return self.get_state()
 
-    def get_metrics(self) -> CircuitBreakerMetrics:
-        """This process's counts plus the fleet-wide window (one round trip, at most
-        redis_timeout; the window is None when Redis did not answer in time)."""
-        return self._metrics(self._after_snapshot(self._run(self._call("snapshot"))))
+    def get_metrics(self) -> LocalMetrics:
+        """This process's counts, read locally (no I/O); its `fleet` (the fleet-wide
+        window) is read from Redis when first used."""
+        return LocalMetrics.local(self._metrics(None), self)
 
     def fleet_window(self) -> FleetWindow | None:
-        """The fleet-wide window alone, as Redis holds it now (one round trip)."""
-        return self.get_metrics().fleet
+        """The fleet-wide window alone, as Redis holds it now (one round trip, at most
+        redis_timeout; None when Redis did not answer in time)."""
+        return self._metrics(self._after_snapshot(self._run(self._call("snapshot")))).fleet
 
     def _run_op(self, op: str, *extra: str) -> None:
         call = self._call(op, *extra)

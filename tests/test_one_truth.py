@@ -337,6 +337,16 @@ def test_events_exactly_once_across_a_flushall(server: RedisServer) -> None:
     ear = CircuitBreaker("ev", cfg, redis=server.client())
     heard: list[TransitionEvent] = []
     ear.add_listener(lambda e: heard.append(e) if isinstance(e, TransitionEvent) else None)
+    # the listener subscribes in the background: transitions before that are not heard
+    # (the re-read brings the state), so warm up until it hears one
+    deadline = time.monotonic() + 5
+    while not heard and time.monotonic() < deadline:
+        maker.force_open()
+        maker.release()
+        time.sleep(0.05)
+    assert heard, "the listener never subscribed"
+    time.sleep(0.1)
+    heard.clear()
     made = 0
     for i in range(6):
         if i == 3:

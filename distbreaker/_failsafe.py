@@ -41,12 +41,7 @@ except ImportError:  # pragma: no cover - redis is a dependency
 
 class InFlight(Exception):
     """No reply within the caller's wait. The request goes on in the background with a
-    longer deadline; its reply (or error) reaches the callback the caller gave. `sent`:
-    whether the request had been written to a connection when the caller was released."""
-
-    def __init__(self, sent: bool) -> None:
-        super().__init__("no reply within redis_timeout; finishing in the background")
-        self.sent = sent
+    longer deadline; its reply (or error) reaches the callback the caller gave."""
 
 
 _MISCONFIG_MARKS = ("WRONGPASS", "NOAUTH", "NOPERM", "invalid password",

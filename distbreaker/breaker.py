@@ -104,16 +104,20 @@ class AsyncCircuitBreakerInterface(abc.ABC, Generic[T]):
     def reset(self) -> Awaitable[None]: ...
 
 
+_V = TypeVar("_V", bound="MetricsView")
+
+
 class MetricsView(CircuitBreakerMetrics):
     """`AsyncCircuitBreaker.get_metrics()`: this process's counts at once, and awaitable
     for the same with the fleet-wide window, so both ``b.get_metrics()`` (the seed's
     way) and ``await b.get_metrics()`` work."""
 
     @classmethod
-    def of(cls, m: CircuitBreakerMetrics, breaker: AsyncCircuitBreaker) -> MetricsView:
+    def of(cls: type[_V], m: CircuitBreakerMetrics, breaker: BreakerCore) -> _V:
+        """`m`'s counts, as this class, remembering `breaker` (outside the fields)."""
         view = object.__new__(cls)
         view.__dict__.update(m.__dict__)
-        object.__setattr__(view, "_breaker", breaker)
+        view.__dict__["_breaker"] = breaker
         return view
 
     def __await__(self) -> Generator[Any, None, CircuitBreakerMetrics]:
@@ -122,10 +126,12 @@ class MetricsView(CircuitBreakerMetrics):
             return super().__await__()
         return b._metrics_with_fleet().__await__()
 
+    def _fields(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
     def plain(self) -> CircuitBreakerMetrics:
         """The same counts as a plain CircuitBreakerMetrics (comparable, picklable)."""
-        return CircuitBreakerMetrics(**{f.name: getattr(self, f.name)
-                                        for f in dataclasses.fields(self)})
+        return CircuitBreakerMetrics(**self._fields())
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, CircuitBreakerMetrics):
@@ -135,8 +141,7 @@ class MetricsView(CircuitBreakerMetrics):
     __hash__ = CircuitBreakerMetrics.__hash__
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_plain_metrics, ({f.name: getattr(self, f.name)
-                                  for f in dataclasses.fields(self)},))
+        return (_plain_metrics, (self._fields(),))
 
     def __deepcopy__(self, memo: dict[int, Any]) -> CircuitBreakerMetrics:
         return self.plain()
@@ -151,18 +156,11 @@ class LocalMetrics(MetricsView):
     `fleet`, the fleet-wide window, is read from Redis when first used (one round trip,
     at most redis_timeout), so code that never looks at it never waits for it."""
 
-    @classmethod
-    def local(cls, m: CircuitBreakerMetrics, breaker: CircuitBreaker) -> LocalMetrics:
-        view = object.__new__(cls)
-        view.__dict__.update(m.__dict__)
-        object.__setattr__(view, "_sync_breaker", breaker)
-        return view
-
     @property
     def fleet(self) -> FleetWindow | None:
         d = self.__dict__
-        b: CircuitBreaker | None = d.pop("_sync_breaker", None)
-        if b is not None:
+        b: CircuitBreaker | None = d.pop("_breaker", None)
+        if b is not None:  # read once, on first use
             d["fleet"] = b.fleet_window()
         return d.get("fleet")
 
@@ -174,7 +172,10 @@ def _is_coroutine_fn(fn: Any) -> bool:
     """A coroutine function, also behind functools.partial or a callable object."""
     while isinstance(fn, functools.partial):
         fn = fn.func
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+    if inspect.iscoroutinefunction(fn):
+        return True
+    # an instance whose __call__ is async (a class itself returns an instance when called)
+    return not isinstance(fn, type) and inspect.iscoroutinefunction(
         getattr(fn, "__call__", None))  # noqa: B004
 
 
@@ -365,8 +366,7 @@ class CircuitBreaker(BreakerCore, CircuitBreakerInterface[Any]):
         sent_at = _monotonic()
         try:
             if mode == CALLER:
-                raw = self._store.run(call, self.config.redis_timeout,
-                                      functools.partial(self._on_late, call))
+                raw = self._store.run(call, self.config.redis_timeout, self._on_late)
             else:
                 raw = self._store.run(call)
         except InFlight:
@@ -548,7 +548,7 @@ class CircuitBreaker(BreakerCore, CircuitBreakerInterface[Any]):
     def get_metrics(self) -> LocalMetrics:
         """This process's counts, read locally (no I/O); its `fleet` (the fleet-wide
         window) is read from Redis when first used."""
-        return LocalMetrics.local(self._metrics(None), self)
+        return LocalMetrics.of(self._metrics(None), self)
 
     def fleet_window(self) -> FleetWindow | None:
         """The fleet-wide window alone, as Redis holds it now (one round trip, at most

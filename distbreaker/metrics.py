@@ -124,6 +124,7 @@ class CircuitBreakerMetrics:
         return d
 
 
+_OUTCOME = {None: "ignored", True: "failure", False: "success"}
 _SEED_NAMES = {"total_requests": "total_calls", "successful_requests": "successful_calls",
                "failed_requests": "failed_calls"}
 _dataclass_init = CircuitBreakerMetrics.__init__
@@ -168,7 +169,9 @@ class _Counters:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._lat: list[float] = []
-        self._hist: deque[RequestRecord] = deque(maxlen=HISTORY_SIZE)
+        # (at, latency, failed, slow, timeout): RequestRecords are built when read
+        self._hist: deque[tuple[float, float, bool | None, bool, bool]] = deque(
+            maxlen=HISTORY_SIZE)
         self._i = 0
         self.total = self.successful = self.failed = 0
         self._rejected = itertools.count()
@@ -189,10 +192,7 @@ class _Counters:
                 self.successful += 1
             self.slow += slow
             self.timeouts += timeout
-            self._hist.append(RequestRecord(
-                time.time(), duration,
-                "ignored" if failed is None else "failure" if failed else "success",
-                slow, timeout))
+            self._hist.append((time.time(), duration, failed, slow, timeout))
             if len(self._lat) < _LAT_RING:
                 self._lat.append(duration)
             else:
@@ -218,7 +218,9 @@ class _Counters:
                 name, state, self.total, self.successful, self.failed, self.rejected,
                 self.slow, self.timeouts, self.ignored, self.stale, self.state_changes,
                 self.probes, mean, p95, fleet, store_degraded, self.batches, pending,
-                self.lost, self.unshared, failovers, misconfigured, tuple(self._hist),
+                self.lost, self.unshared, failovers, misconfigured,
+                tuple(RequestRecord(at, lat, _OUTCOME[failed], slow, timeout)
+                      for at, lat, failed, slow, timeout in self._hist),
             )
 
     def clear(self) -> None:

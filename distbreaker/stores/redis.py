@@ -125,7 +125,7 @@ def _raw_capable(client: Any) -> bool:
             and hasattr(pool, "get_connection") and hasattr(pool, "release"))
 
 
-Done = Callable[[Any, "BaseException | None"], None]
+Done = Callable[[ScriptCall, Any, "BaseException | None"], None]
 
 
 class RedisStore:
@@ -138,7 +138,8 @@ class RedisStore:
     `run(call, wait, done)` is the caller's path: it sends, waits at most `wait` for the
     reply, and if none came, raises `InFlight` and leaves the request to a background
     thread, which reads the reply (or sends a request that could not be sent in time) by
-    `deadline` seconds after the send and hands the outcome to `done(raw, exc)`. A request
+    `deadline` seconds after the send and hands the outcome to `done(call, raw, exc)`
+    (a bound method: nothing is allocated per call for the common case). A request
     is written to Redis at most once, so a late reply is applied exactly once.
     """
 
@@ -161,8 +162,8 @@ class RedisStore:
             try:
                 return fut.result(timeout=wait)
             except FutureTimeout:
-                fut.add_done_callback(functools.partial(deliver, done))
-                raise InFlight(True) from None
+                fut.add_done_callback(functools.partial(deliver, functools.partial(done, call)))
+                raise InFlight from None
         payload = packer.pack(call)
         pool = self.client.connection_pool
         # the caller's whole wait, opening a connection and reloading included, is `wait`
@@ -171,7 +172,7 @@ class RedisStore:
             conn = _get(pool)  # a new connection: at most the connect timeout
         except (redis.TimeoutError, TimeoutError):  # not sent: send it in the background
             background(_finish, self.run_blocking, done, call)
-            raise InFlight(False) from None
+            raise InFlight from None
         except BaseException as e:
             _mark(e, False)
             raise
@@ -183,9 +184,9 @@ class RedisStore:
                 raw = conn.read_response()
             else:
                 c, conn = conn, None
-                background(_finish, self._complete, done, c, pool, call,
+                background(_finish, self._complete, done, call, c, pool,
                            time.monotonic() + self.deadline)
-                raise InFlight(True)
+                raise InFlight
         except redis.ResponseError as e:
             _release(pool, conn)
             conn = None
@@ -194,19 +195,13 @@ class RedisStore:
                 raise
             # first use on this server, or FUNCTION/SCRIPT FLUSH: load, then send again
             try:
-                self.client.execute_command(*load)
-            except redis.ResponseError as e2:  # FUNCTION LOAD refused: scripts, then
-                load = packer.reload_for(e2, call.op)
-                if load is None:
-                    raise
-                background(_finish, self._reload_and_run, done, load, call)
-                raise InFlight(False) from None
+                self._load(self.client, load, call.op)
             except (redis.TimeoutError, TimeoutError):
-                background(_finish, self._reload_and_run, done, load, call)
-                raise InFlight(False) from None
+                background(_finish, self.run_blocking, done, call)  # it reloads itself
+                raise InFlight from None
             if time.monotonic() >= deadline:
                 background(_finish, self.run_blocking, done, call)
-                raise InFlight(False) from None
+                raise InFlight from None
             return self.run(call, wait, done, deadline)
         except InFlight:
             raise
@@ -244,7 +239,7 @@ class RedisStore:
         finally:
             _release(pool, conn)
 
-    def _complete(self, conn: Any, pool: Any, call: ScriptCall, deadline: float) -> Any:
+    def _complete(self, call: ScriptCall, conn: Any, pool: Any, deadline: float) -> Any:
         """Read the reply of a request a caller gave up waiting for."""
         try:
             left = deadline - time.monotonic()
@@ -254,10 +249,9 @@ class RedisStore:
         except redis.ResponseError as e:
             _release(pool, conn)
             assert self._packer is not None
-            load = self._packer.reload_for(e, call.op)
-            if load is None:
+            if self._packer.reload_for(e, call.op) is None:
                 raise
-            return self._reload_and_run(load, call)
+            return self.run_blocking(call)  # it was not run: load and send it, once
         except BaseException as e:
             conn.disconnect()
             _release(pool, conn)
@@ -266,9 +260,17 @@ class RedisStore:
         _release(pool, conn)
         return raw
 
-    def _reload_and_run(self, load: tuple[str, ...], call: ScriptCall) -> Any:
-        self.slow.execute_command(*load)
-        return self.run_blocking(call)
+    def _load(self, client: Any, load: tuple[str, ...], op: str) -> None:
+        """Load what a reply said is missing; a server that refuses FUNCTION LOAD gets
+        the script instead (the packer switches to EVALSHA)."""
+        assert self._packer is not None
+        try:
+            client.execute_command(*load)
+        except redis.ResponseError as e:
+            again = self._packer.reload_for(e, op)
+            if again is None:
+                raise
+            client.execute_command(*again)
 
     def run_blocking(self, call: ScriptCall) -> Any:
         """Run a call on the slow client: waits up to its timeouts."""
@@ -281,13 +283,7 @@ class RedisStore:
             load = packer.reload_for(e, call.op)
             if load is None:
                 raise
-        try:
-            self.slow.execute_command(*load)
-        except redis.ResponseError as e:  # FUNCTION LOAD refused: scripts, then
-            load = packer.reload_for(e, call.op)
-            if load is None:
-                raise
-            self.slow.execute_command(*load)
+        self._load(self.slow, load, call.op)
         return self._send(packer.pack(call))
 
     def _send(self, payload: bytes) -> Any:
@@ -321,13 +317,14 @@ def _release(pool: Any, conn: Any) -> None:
         pool.release(conn)
 
 
-def _finish(fn: Callable[..., Any], done: Done, *args: Any) -> None:
+def _finish(fn: Callable[..., Any], done: Done, call: ScriptCall, *args: Any) -> None:
+    """On a background thread: run `fn(call, *args)`, hand its outcome to `done`."""
     try:
-        raw = fn(*args)
+        raw = fn(call, *args)
     except BaseException as e:
-        done(None, e)
+        done(call, None, e)
         return
-    done(raw, None)
+    done(call, raw, None)
 
 
 def _dead(conn: Any) -> bool:

@@ -6,6 +6,7 @@ No test skips for lack of Redis: if redis-server cannot start, the fixture fails
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import fakeredis
 import pytest
@@ -29,6 +30,12 @@ def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
     c.function_flush()  # "Function not found")
     yield c
     c.close()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def backend(request: pytest.FixtureRequest, redis_client: redis.Redis) -> Iterator[Any]:
+    """The `redis=` argument of a breaker: None (the in-process store) or a real client."""
+    yield None if request.param == "memory" else redis_client
 
 
 @pytest.fixture

@@ -9,11 +9,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import redis
 
 import distbreaker
 from distbreaker import (
@@ -24,11 +22,6 @@ from distbreaker import (
     ProviderCircuitBreaker,
     ProviderType,
 )
-
-
-@pytest.fixture(params=["memory", "redis"])
-def backend(request: pytest.FixtureRequest, redis_client: redis.Redis) -> Iterator[Any]:
-    yield None if request.param == "memory" else redis_client
 
 
 class Boom(Exception):

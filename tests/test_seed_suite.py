@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -33,11 +32,11 @@ from distbreaker import (
 )
 
 
-@pytest.fixture(params=["memory", "redis"])
-def store(request: pytest.FixtureRequest, redis_client: redis.Redis) -> Iterator[Any]:
+@pytest.fixture
+def store(backend: Any) -> Any:
     """None: the in-process store; else a real Redis client (the only distbreaker-specific
     line a migrating user adds)."""
-    yield None if request.param == "memory" else redis_client
+    return backend
 
 
 class VendorError(Exception):

@@ -333,6 +333,12 @@ class BreakerCore:
             return NO_REPLY
         return self._fallback_run(call)
 
+    def _stuck_writer(self, mode: int, exc: BaseException) -> bool:
+        """The batched writer's batch got no reply within redis_background_timeout. The
+        shell asks Redis for a PING on another connection: if it answers, one connection
+        was stuck (a blackhole swallowed its bytes), and that is not silence."""
+        return mode == WRITER and classify(exc) == "timeout"
+
     def _count_lost(self, call: ScriptCall) -> None:
         n = _outcomes_in(call)
         if n:

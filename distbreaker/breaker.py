@@ -372,15 +372,12 @@ class CircuitBreaker(BreakerCore, CircuitBreakerInterface[Any]):
         except InFlight:
             return self._no_reply(call, sent_at)
         except STORE_ERRORS as e:
-            if mode == WRITER and classify(e) == "timeout" and self._alive():
+            alive = getattr(self._store, "alive", None)
+            if self._stuck_writer(mode, e) and alive and alive(self.config.failover_after):
                 self._store_answered(None)  # one stuck connection, not a silent Redis
                 raise
             return self._store_failed(call, e, mode, sent_at)
         return self._store_answered(raw)
-
-    def _alive(self) -> bool:
-        alive = getattr(self._store, "alive", None)
-        return alive is not None and bool(alive(self.config.failover_after))
 
     def _on_late(self, call: ScriptCall, raw: Any, exc: BaseException | None) -> None:
         """A background thread: the outcome of a request whose caller went on."""
@@ -723,9 +720,9 @@ class AsyncCircuitBreaker(BreakerCore, AsyncCircuitBreakerInterface[Any]):
             else:
                 raw = await self._store.run(call)
         except STORE_ERRORS as e:
-            if (mode == WRITER and classify(e) == "timeout" and isinstance(
-                    self._store, AsyncRedisStore)
-                    and await self._store.alive(self.config.failover_after)):
+            alive = getattr(self._store, "alive", None)
+            if (self._stuck_writer(mode, e) and alive
+                    and await alive(self.config.failover_after)):
                 self._store_answered(None)  # one stuck connection, not a silent Redis
                 raise
             return self._store_failed(call, e, mode, sent_at)

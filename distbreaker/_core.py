@@ -191,10 +191,6 @@ class BreakerCore:
     def snapshot(self) -> LocalSnapshot:
         return self._cell.snap
 
-    @property
-    def _snap(self) -> LocalSnapshot:
-        return self._cell.snap
-
     def _fast_admit(self) -> Permit | None:
         """Admit locally when plainly CLOSED, raise when plainly not admissible; None means
         ask Redis (acquire.lua)."""
@@ -573,9 +569,6 @@ class BreakerCore:
         b = self._batch
         if b is not None:
             self._cell.hold(lambda: b.gen if b.tripped else -1)
-
-    def _is_held(self) -> bool:
-        return self._cell.is_held()
 
     def _batch_take(self) -> ScriptCall | None:
         """The next record call of pending outcomes (None: none, or one is in flight)."""

@@ -55,7 +55,7 @@ from distbreaker import (
     CircuitOpenError,
     CircuitState,
 )
-from distbreaker._scripts import OPS, script_source
+from distbreaker.stores._scripts import OPS, script_source
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "_trip_worker.py"
@@ -144,6 +144,12 @@ class RedisServer:
     def stop(self) -> None:
         self._end_process()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def private_server() -> RedisServer:
+    """A started redis-server of this script's on a free loopback port (the binary from
+    DISTBREAKER_REDIS_SERVER, else DEFAULT_REDIS_SERVER); the caller stops it."""
+    return RedisServer(os.environ.get("DISTBREAKER_REDIS_SERVER", DEFAULT_REDIS_SERVER)).start()
 
 
 # -- statistics and command accounting ----------------------------------------------------
@@ -364,7 +370,7 @@ def _ladder_args(b: Any) -> tuple[Any, list[Any], list[Any]]:
     """The breaker's store and the KEYS/ARGV of a real record call (a success under the
     current generation): the same bytes `breaker.call` sends. Uses private API; the ladder
     is a diagnostic and is skipped if the internals change."""
-    call = b._call("record", "", b.snapshot.generation, 0, "", 0)
+    call = b._core.calls.build("record", "", b.snapshot.generation, 0, "", 0)
     return b._store, list(call.keys), list(call.args)
 
 
@@ -387,7 +393,8 @@ def bench_sync_calls(port: int, stats: CmdStats, sha_trivial: str, sha_reply14: 
         subjects["evalsha_args"] = lambda: client.evalsha(sha_trivial, len(keys), *keys, *args)
         subjects["evalsha_reply14"] = lambda: client.evalsha(sha_reply14, len(keys), *keys,
                                                              *args)
-        subjects["record_script"] = lambda: store.run(b._call("record", "", gen, 0, "", 0))
+        subjects["record_script"] = lambda: store.run(
+            b._core.calls.build("record", "", gen, 0, "", 0))
     except Exception as e:  # pragma: no cover - internals changed
         print(f"note: cost ladder skipped ({e!r})", file=sys.stderr)
     samples: dict[str, list[float]] = {k: [] for k in subjects}
@@ -440,7 +447,8 @@ async def _bench_async_calls(port: int, stats: CmdStats, sha_trivial: str, sha_r
                                                               *args)
             subjects["evalsha_reply14"] = lambda: client.evalsha(sha_reply14, len(keys), *keys,
                                                                  *args)
-            subjects["record_script"] = lambda: store.run(b._call("record", "", gen, 0, "", 0))
+            subjects["record_script"] = lambda: store.run(
+            b._core.calls.build("record", "", gen, 0, "", 0))
         except Exception as e:  # pragma: no cover - internals changed
             print(f"note: cost ladder skipped ({e!r})", file=sys.stderr)
         samples = {k: [] for k in subjects}
@@ -461,7 +469,7 @@ async def _bench_async_calls(port: int, stats: CmdStats, sha_trivial: str, sha_r
         await client.aclose()
         # Stop the listener task before closing its client, or it logs "listener lost Redis"
         # (it would notice close() only at its next tick, up to 1 s later).
-        task = getattr(b._hub, "_task", None)
+        task = getattr(b._engine._hub, "task", None)
         if task is not None and not task.done():
             task.cancel()
             with contextlib.suppress(BaseException):

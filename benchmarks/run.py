@@ -16,7 +16,9 @@ one run so that the ratios compare like with like:
 4. trip propagation to 8 worker processes (pub/sub push), p50/p99;
 5. throughput of 8 processes on one breaker, strict and batched, and Redis CPU;
 6. Redis memory per breaker after 10 and after 1,000,000 outcomes, both window types;
-7. cost per outcome with 1, 100 and 10,000 breakers.
+7. cost per outcome with 1, 100 and 10,000 breakers;
+8. an idle fleet's cost to Redis, heartbeat against per-breaker re-reads (bench_idle.py);
+9. a transition storm across processes (bench_storm.py).
 
 Writes RESULTS.md, results.json and PNG plots (latency.png, propagation.png) to --out.
 Peers that are not installed are listed as such; nothing is skipped silently.
@@ -49,6 +51,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_fastpath as fp  # noqa: E402
+import bench_idle  # noqa: E402
+import bench_storm  # noqa: E402
 import peers  # noqa: E402
 
 from distbreaker import (  # noqa: E402
@@ -65,6 +69,10 @@ T_BATCHED_US = 5.0
 T_BATCHED_VS_PEERS = 50.0
 T_REJECT_VS_PEERS = 100.0
 T_MEMORY_BYTES = 2048
+# issue 13
+T_IDLE_FLEET = 1000.0  # commands/s for 1,000 idle processes x 20 breakers
+T_IDLE_GROWTH = 1.25  # idle commands per process, most breakers / fewest
+T_STORM_P99_MS = 50.0
 
 
 @dataclass(frozen=True)
@@ -78,13 +86,22 @@ class Plan:
     scale_ns: tuple[int, ...]
     scale_calls: int
     trip_rounds: int
+    idle_procs: int
+    idle_breakers: tuple[int, ...]
+    idle_seconds: float
+    storm_procs: int
+    storm_breakers: int
+    storm_rounds: int
 
 
 FULL = Plan(blocks=8, ok_ops=400, loop_ops=2000, loop_repeat=7, load_seconds=5.0,
             memory_outcomes=1_000_000, scale_ns=(1, 100, 10_000), scale_calls=20_000,
-            trip_rounds=20)
+            trip_rounds=20, idle_procs=16, idle_breakers=(20, 200), idle_seconds=10.0,
+            storm_procs=16, storm_breakers=200, storm_rounds=3)
 QUICK = Plan(blocks=3, ok_ops=150, loop_ops=300, loop_repeat=3, load_seconds=1.5,
-             memory_outcomes=20_000, scale_ns=(1, 100), scale_calls=2_000, trip_rounds=4)
+             memory_outcomes=20_000, scale_ns=(1, 100), scale_calls=2_000, trip_rounds=4,
+             idle_procs=4, idle_breakers=(20, 100), idle_seconds=4.0, storm_procs=4,
+             storm_breakers=50, storm_rounds=1)
 
 
 def _noop() -> int:
@@ -417,7 +434,7 @@ def memory(port: int, plan: Plan) -> dict[str, Any]:
         name = f"bench-mem-{kw['window_type']}"
         b = CircuitBreaker(name, _cfg(failure_threshold=1_000_000, minimum_calls=100, **kw),
                            redis=redis.Redis(host="127.0.0.1", port=port))
-        b._now_ms = 1_700_000_000_000
+        b.set_test_clock(1_700_000_000_000)
 
         def usage(b: CircuitBreaker = b) -> int:
             return sum(int(admin.memory_usage(k, samples=0) or 0) for k in b.keys.all)
@@ -429,9 +446,9 @@ def memory(port: int, plan: Plan) -> dict[str, Any]:
                 extra: list[Any] = [""]
                 for i in range(k):
                     extra += [b.snapshot.generation, 1 if (done + i) % 10 == 0 else 0, "", 0]
-                b._store.run(b._call("record", *extra))
+                b._store.run(b._core.calls.build("record", *extra))
                 done += k
-                b._now_ms += step_ms
+                b.set_test_clock((b.test_clock or 0) + step_ms)
         b.refresh()
         # 10 outcomes, one per 6 s bucket: the time window at its full shape. Then N
         # outcomes at a steady rate over 10 windows' worth of test time (N/10 of them
@@ -566,6 +583,17 @@ def targets(r: dict[str, Any], groups: dict[str, list[Subject]]) -> list[dict[st
         if label.startswith("time"):
             items.append((f"memory per breaker, {label} (bytes)", m["after_n"], "<=",
                           T_MEMORY_BYTES))
+    beat = [x for x in r["idle"] if x["mode"] == "heartbeat"]
+    fewest, most = beat[0], beat[-1]
+    items.append((f"idle: 1,000 processes x {fewest['breakers']} breakers, commands/s "
+                  f"(from {fewest['procs']} measured)", fewest["fleet_1000_commands_per_s"],
+                  "<=", T_IDLE_FLEET))
+    items.append((f"idle: commands per process, {most['breakers']} / {fewest['breakers']} "
+                  "breakers", most["commands_per_s_per_process"]
+                  / max(fewest["commands_per_s_per_process"], 1e-9), "<=", T_IDLE_GROWTH))
+    st = r["storm"]
+    items.append((f"storm: {st['procs']} x {st['breakers']} trips seen, p99 (ms)",
+                  st["p99_ms"] if not st["missed"] else math.inf, "<=", T_STORM_P99_MS))
     out = []
     for name, value, op, target in items:
         met = {"<=": value <= target, "<": value < target, ">=": value >= target,
@@ -704,6 +732,31 @@ def render(r: dict[str, Any], groups: dict[str, list[Subject]]) -> str:
             f"{x['commands_per_outcome']:.3f} | {_fmt(x['process_bytes_per_breaker'])} | "
             f"{x['redis_bytes_per_breaker']:,.0f} |")
     add("")
+    add("## An idle fleet (no calls at all)")
+    add("")
+    add("| mode | processes | breakers each | script calls/s | commands/s (all, "
+        "inside scripts too) | per process | 1,000 processes | worker CPU ms/s |")
+    add("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for x in r["idle"]:
+        add(f"| {x['mode']} | {x['procs']} | {x['breakers']} | "
+            f"{x['script_calls_per_s']:,.1f} | {x['commands_per_s']:,.1f} | "
+            f"{x['commands_per_s_per_process']:.2f} | "
+            f"{x['fleet_1000_commands_per_s']:,.0f} | {x['worker_cpu_ms_per_s']:.2f} |")
+    add("")
+    add("`heartbeat`: this release, one HMGET of the prefix's message sequence per "
+        "0.75 x max_staleness per process; `reread`: the heartbeat switched off, every "
+        "breaker re-reads its snapshot every max_staleness (a Cluster client still does).")
+    st = r["storm"]
+    add("")
+    add(f"## A transition storm: {st['procs']} processes x {st['breakers']} breakers, all "
+        "forced open in one pipeline")
+    add("")
+    add("| deliveries | missed | p50 ms | p99 ms | max ms | worker CPU per storm ms |")
+    add("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    add(f"| {st['deliveries']:,} | {st['missed']} | {st['p50_ms']:.1f} | "
+        f"{st['p99_ms']:.1f} | {st['max_ms']:.1f} | "
+        f"{st['worker_cpu_ms_per_storm_median']:.0f} |")
+    add("")
     add("Plots: `latency.png` (successful guarded calls), `propagation.png` (trip "
         "propagation). Raw numbers: `results.json`.")
     return "\n".join(L) + "\n"
@@ -812,6 +865,12 @@ def main(argv: list[str] | None = None) -> int:
         r["memory"] = memory(port, plan)
         step("many breakers")
         r["scale"] = scale(port, plan)
+        step(f"idle fleet, {plan.idle_procs} processes")
+        r["idle"] = bench_idle.run(port, plan.idle_procs, list(plan.idle_breakers),
+                                   plan.idle_seconds)
+        step(f"transition storm, {plan.storm_procs} x {plan.storm_breakers}")
+        r["storm"] = bench_storm.storm(port, plan.storm_procs, plan.storm_breakers,
+                                       plan.storm_rounds)
         r["subjects"] = {g: {s.name: {"kind": s.kind, "records_in_redis": s.records_in_redis,
                                       "shares_window": s.shares_window, "note": s.note,
                                       **s.res} for s in subs} for g, subs in groups.items()}

@@ -5,13 +5,14 @@ keeps a local snapshot so that availability checks and rejections never touch th
 """
 
 from ._config import CircuitBreakerConfig, CircuitState
-from ._core import LocalSnapshot, Permit
 from ._errors import (
     CircuitBreakerError,
     CircuitOpenError,
     RedisMisconfiguredError,
     StoreUnavailableError,
 )
+from ._outcome import Permit
+from ._snapshot import LocalSnapshot
 from .breaker import (
     AsyncCircuitBreaker,
     AsyncCircuitBreakerInterface,

@@ -15,7 +15,8 @@ from typing import Any
 
 from ._config import CircuitBreakerConfig
 from ._keys import SCHEMA, BreakerKeys, channel_for
-from ._ops import build_call, decode_reply
+from ._model import roll_window
+from ._protocol import build_call, decode_reply
 from .stores.redis import RedisStore
 
 __all__ = ["BreakerView", "as_dicts", "breaker_names", "connect", "list_breakers", "operate",
@@ -118,17 +119,13 @@ class BreakerView:
         if kind == "c":
             return {"type": "count", "size": wn, "calls": _int(w, "n"),
                     "failures": _int(w, "f"), "slow": _int(w, "s")}
-        c, f, s = _int(w, "c"), _int(w, "f"), _int(w, "s")
-        ep = self.now_ms // bw if bw else 0
+        def expired(epoch: int) -> tuple[int, int, int]:  # the ring slot it used
+            j = epoch % wn
+            return _int(w, f"c{j}"), _int(w, f"f{j}"), _int(w, f"s{j}")
+
         last = _int(w, "e") if "e" in w else None
-        if last is None or abs(ep - last) >= wn:
-            c = f = s = 0
-        elif ep > last:
-            for k in range(last + 1, ep + 1):
-                j = k % wn
-                c -= _int(w, f"c{j}")
-                f -= _int(w, f"f{j}")
-                s -= _int(w, f"s{j}")
+        c, f, s = roll_window((_int(w, "c"), _int(w, "f"), _int(w, "s")), last,
+                              self.now_ms // bw if bw else 0, wn, expired)
         return {"type": "time", "buckets": wn, "bucket_ms": bw, "size_s": wn * bw / 1000,
                 "calls": max(c, 0), "failures": max(f, 0), "slow": max(s, 0)}
 

@@ -15,23 +15,26 @@ at once.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import logging
 import math
-import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ._config import CircuitBreakerConfig
+from ._model import ModelConfig, trips
+from ._process import PROCESS
+from ._protocol import NONE, is_failure, is_slow
 
 if TYPE_CHECKING:
-    from .breaker import CircuitBreaker
+    from ._protocol import ScriptCall
 
-__all__ = ["OutcomeBatch", "ThreadWriter", "thread_writer"]
+__all__ = ["OutcomeBatch", "ThreadWriter", "WriterMember", "thread_writer"]
 
 log = logging.getLogger("distbreaker")
 
@@ -43,23 +46,23 @@ class _Seg:
     slow calls, the failures since its last non-failure, and whether it has one (which
     resets the consecutive count)."""
 
-    __slots__ = ("c", "f", "reset", "s", "tail")
+    __slots__ = ("calls", "failures", "reset", "slow", "tail")
 
     def __init__(self) -> None:
-        self.c = self.f = self.s = self.tail = 0
+        self.calls = self.failures = self.slow = self.tail = 0
         self.reset = False
 
     def add(self, failed: bool, slow: bool, n: int = 1) -> None:
         """Add `n` equal outcomes."""
-        self.c += n
+        self.calls += n
         if failed:
-            self.f += n
+            self.failures += n
             self.tail += n
         else:
             self.tail = 0
             self.reset = True
         if slow:
-            self.s += n
+            self.slow += n
 
 
 class OutcomeBatch:
@@ -71,17 +74,13 @@ class OutcomeBatch:
     briefly; none does I/O.
     """
 
-    __slots__ = ("_frt", "_ft", "_limit", "_linger", "_lock", "_minc", "_srt", "_wn", "applied",
-                 "base",
-                 "first_at", "gen", "pend", "pending", "recorded", "sent",
-                 "sent_seg", "tripped", "urgent", "waiters")
+    __slots__ = ("_limit", "_linger", "_lock", "_rule", "_wn", "applied", "base", "first_at",
+                 "gen", "pend", "pending", "recorded", "sent", "sent_seg", "tripped", "urgent",
+                 "waiters")
 
     def __init__(self, cfg: CircuitBreakerConfig) -> None:
-        self._ft = cfg.failure_threshold
-        self._frt = cfg.failure_rate_threshold
-        self._srt = cfg.slow_call_rate_threshold
-        self._minc = cfg.effective_minimum_calls
-        self._wn = int(cfg.window_size) if cfg.window_type == "count" else 0
+        self._rule = ModelConfig.parse(cfg.script_arg)  # the scripts' own numbers
+        self._wn = self._rule.window_n if self._rule.count_window else 0
         self._linger = cfg.batch_linger
         self._limit = cfg.max_batch
         self.reset()
@@ -117,7 +116,7 @@ class OutcomeBatch:
         errs toward stopping early; the next reply corrects it)."""
         c0, f0, s0, cf = self.base
         a, b = self.sent_seg, self.pend
-        c, f, s = c0 + a.c + b.c, f0 + a.f + b.f, s0 + a.s + b.s
+        c, f, s = c0 + a.calls + b.calls, f0 + a.failures + b.failures, s0 + a.slow + b.slow
         if self._wn and c > self._wn:
             c = self._wn
             f, s = min(f, c), min(s, c)
@@ -127,9 +126,7 @@ class OutcomeBatch:
 
     def _trips(self, failed: bool, slow: bool) -> bool:
         c, f, s, cf = self.projected()
-        return (failed and cf >= self._ft) or (
-            c >= self._minc
-            and ((failed and f >= self._frt * c) or (slow and s >= self._srt * c)))
+        return trips(self._rule, c, f, s, cf, failed, slow)
 
     # -- the caller's side -----------------------------------------------------------------
 
@@ -147,9 +144,9 @@ class OutcomeBatch:
             n = self.recorded - self.applied
             # the first outcome of an idle breaker, or (lingering) a full batch
             wake = (not self.busy and n == 1) or (self._linger > 0 and n == self._limit)
-            if code == 4 or gen != self.gen:
+            if code == NONE or gen != self.gen:
                 return wake, False
-            failed, slow = code == 1 or code == 3, code >= 2
+            failed, slow = is_failure(code), is_slow(code)
             self.pend.add(failed, slow)
             trips = (failed or slow) and self._trips(failed, slow)
             if trips:
@@ -224,9 +221,10 @@ class OutcomeBatch:
                 # keeps the pending tail (it is the newest part) and loses what was sent.
                 sent = self._segs(out, self.gen)
                 rest = self.pend
-                rest.c, rest.f, rest.s = (max(0, rest.c - sent.c), max(0, rest.f - sent.f),
-                                          max(0, rest.s - sent.s))
-                rest.tail = min(rest.tail, rest.c)
+                rest.calls = max(0, rest.calls - sent.calls)
+                rest.failures = max(0, rest.failures - sent.failures)
+                rest.slow = max(0, rest.slow - sent.slow)
+                rest.tail = min(rest.tail, rest.calls)
                 self.sent_seg, self.pend = sent, rest
             return out
 
@@ -235,8 +233,8 @@ class OutcomeBatch:
         """What the runs admitted under `at_gen` add (older ones are stale in Redis)."""
         seg = _Seg()
         for gen, code, _, count in runs:
-            if code != 4 and gen == at_gen:
-                seg.add(code == 1 or code == 3, code >= 2, count)
+            if code != NONE and gen == at_gen:
+                seg.add(is_failure(code), is_slow(code), count)
         return seg
 
     def done(self, gen: int, counts: tuple[int, int, int, int] | None
@@ -256,7 +254,8 @@ class OutcomeBatch:
                 self.gen, self.base = gen, counts
             self.sent_seg = _Seg()
             pend = self.pend
-            self.tripped = (pend.f > 0 or pend.s > 0) and self._trips(pend.f > 0, pend.s > 0)
+            failed, slow = pend.failures > 0, pend.slow > 0
+            self.tripped = (failed or slow) and self._trips(failed, slow)
             if self.tripped and self.pending:
                 self.urgent = True  # what is still pending trips: send it without lingering
             fire = [n for t, n in self.waiters if t <= self.applied]
@@ -276,15 +275,32 @@ class OutcomeBatch:
                 self.tripped = False
 
 
+class WriterMember(Protocol):
+    """What the writer thread calls on a breaker's engine (the only calls it makes)."""
+
+    name: str
+
+    def flush_once(self) -> bool: ...
+    def batch_due(self) -> float: ...
+    def pipe_store(self) -> Any: ...  # a RedisStore that pipelines, or None
+    def take_for_pipe(self) -> ScriptCall | None: ...
+    def pipe_done(self, call: ScriptCall, result: Any, sent_at: float,
+                  memo: dict[str, bool]) -> bool: ...
+
+
+PIPELINE_MAX = 1000  # batches in one pipeline
+
+
 class ThreadWriter:
     """The sync shells' writer: one daemon thread per process, started on first use, that
-    sends each woken breaker's pending outcomes, one call per breaker at a time."""
+    sends the woken breakers' pending outcomes, at most one call per breaker at a time:
+    every due breaker of one store in one pipeline (one round trip for all of them)."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._ready: deque[CircuitBreaker] = deque()
+        self._ready: deque[WriterMember] = deque()
         self._queued: set[int] = set()
-        self._timed: list[tuple[float, int, CircuitBreaker]] = []  # (due, seq, breaker)
+        self._timed: list[tuple[float, int, WriterMember]] = []  # (due, seq, breaker)
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
 
@@ -292,7 +308,7 @@ class ThreadWriter:
     def thread(self) -> threading.Thread | None:
         return self._thread
 
-    def wake(self, breaker: CircuitBreaker) -> None:
+    def wake(self, breaker: WriterMember) -> None:
         with self._cond:
             if id(breaker) not in self._queued:
                 self._queued.add(id(breaker))
@@ -303,7 +319,7 @@ class ThreadWriter:
                                                 daemon=True)
                 self._thread.start()
 
-    def wake_at(self, breaker: CircuitBreaker, due: float) -> None:
+    def wake_at(self, breaker: WriterMember, due: float) -> None:
         """Wake `breaker` at monotonic time `due` (batched mode's linger)."""
         with self._cond:
             heapq.heappush(self._timed, (due, next(self._seq), breaker))
@@ -322,29 +338,76 @@ class ThreadWriter:
                     if self._ready:
                         break
                     self._cond.wait(self._timed[0][0] - now if self._timed else None)
-                b = self._ready.popleft()
-                self._queued.discard(id(b))
+                woken: list[WriterMember] = []
+                while self._ready and len(woken) < PIPELINE_MAX:
+                    b = self._ready.popleft()
+                    self._queued.discard(id(b))
+                    woken.append(b)
+            self._send(woken)
+            for b in woken:
+                try:
+                    due = b.batch_due()
+                except Exception:
+                    continue
+                if due <= time.monotonic():
+                    self.wake(b)
+                elif due < math.inf:
+                    self.wake_at(b, due)
+
+    def _send(self, woken: list[WriterMember]) -> None:
+        """One pipeline per store for the breakers that share one; the rest alone."""
+        groups: dict[int, tuple[Any, list[WriterMember]]] = {}
+        alone: list[WriterMember] = []
+        for b in woken:
             try:
-                b._flush_once()
-            except BaseException:  # never let one breaker (or a hook) stop the writer
-                log.exception("distbreaker writer failed", extra={"breaker": b.name})
-            try:
-                due = b._batch_due()
+                store = b.pipe_store()
             except Exception:
+                store = None
+            if store is None:
+                alone.append(b)
+            else:
+                # stores of one client share its connections (and its packer)
+                groups.setdefault(id(store.slow), (store, []))[1].append(b)
+        for store, members in groups.values():
+            if len(members) == 1:
+                alone.append(members[0])
                 continue
-            if due <= time.monotonic():
-                self.wake(b)
-            elif due < math.inf:
-                self.wake_at(b, due)
+            calls: list[tuple[WriterMember, ScriptCall]] = []
+            for b in members:
+                call = _guarded(b, b.take_for_pipe)
+                if call is None:
+                    alone.append(b)  # nothing due, or Redis is down: flush_once decides
+                else:
+                    calls.append((b, call))
+            if not calls:
+                continue
+            sent_at = time.monotonic()
+            try:
+                results = store.run_many([c for _, c in calls])
+            except BaseException as e:  # never raised by design; keep the writer alive
+                results = [e] * len(calls)
+            memo: dict[str, bool] = {}  # shared by the group: one PING decides for all
+            for (b, call), res in zip(calls, results, strict=True):
+                _guarded(b, functools.partial(b.pipe_done, call, res, sent_at, memo))
+        for b in alone:
+            _guarded(b, b.flush_once)
 
 
-_writer: list[Any] = [None, -1]  # (ThreadWriter, pid it belongs to)
+def _guarded(b: WriterMember, fn: Callable[[], Any]) -> Any:
+    """Never let one breaker (or a hook) stop the writer."""
+    try:
+        return fn()
+    except BaseException:
+        log.exception("distbreaker writer failed", extra={"breaker": b.name})
+        return None
 
 
 def thread_writer() -> ThreadWriter:
     """This process's writer (a forked child gets its own)."""
-    w, pid = _writer
-    if w is None or pid != os.getpid():
-        w = ThreadWriter()
-        _writer[0], _writer[1] = w, os.getpid()
+    w = PROCESS.writer
+    if w is None:
+        with PROCESS.lock:
+            w = PROCESS.writer
+            if w is None:
+                w = PROCESS.writer = ThreadWriter()
     return w  # type: ignore[no-any-return]

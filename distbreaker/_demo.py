@@ -214,7 +214,7 @@ def worker_main(argv: list[str]) -> int:
 
 def _flush(r: Any, key: str, m: Any, stats: dict[str, int]) -> None:
     for p in PROVIDERS:
-        rej = m.get_breaker(p)._counters.rejected
+        rej = m.get_breaker(p).get_metrics().rejected_calls
         stats[f"{p}:rejected"] = rej - stats.get(f"_{p}:rej_sent", 0)
         stats[f"_{p}:rej_sent"] = rej
     pipe = r.pipeline(transaction=False)

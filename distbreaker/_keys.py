@@ -6,9 +6,11 @@ single Redis Cluster slot. Names therefore may not contain braces.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_PREFIX", "MAX_NAME_LENGTH", "BreakerKeys", "channel_for", "validate_name"]
+__all__ = ["DEFAULT_PREFIX", "MAX_NAME_LENGTH", "BreakerKeys", "channel_for", "seq_key_for",
+           "validate_name"]
 
 DEFAULT_PREFIX = "distbreaker"
 MAX_NAME_LENGTH = 200
@@ -52,21 +54,32 @@ def channel_for(prefix: str) -> str:
     return f"{prefix}:{SCHEMA}:events"
 
 
+@functools.lru_cache(maxsize=64)  # one string for every breaker of a prefix
+def seq_key_for(prefix: str) -> str:
+    """The hash that numbers the messages on `prefix`'s channel (field ``n``) and names the
+    data it belongs to (field ``e``, an epoch a listener writes): with it a listener knows
+    that it has heard everything, or what it missed, with one read (see _listener.py)."""
+    return f"{prefix}:{SCHEMA}:seq"
+
+
 @dataclass(frozen=True)
 class BreakerKeys:
-    """The three keys of one breaker, in the order every script expects them."""
+    """The keys of one breaker, in the order every script expects them: its three own keys
+    (one hash tag, one Cluster slot) and its prefix's sequence hash, which a Cluster store
+    leaves out (`ScriptSet.nkeys`)."""
 
     name: str
     state: str
     window: str
     probes: str
+    seq: str
 
     @classmethod
     def for_name(cls, name: str, prefix: str = DEFAULT_PREFIX) -> BreakerKeys:
         validate_name(name)
         base = f"{prefix}:{SCHEMA}:{{{name}}}"
-        return cls(name, base, f"{base}:window", f"{base}:probes")
+        return cls(name, base, f"{base}:window", f"{base}:probes", seq_key_for(prefix))
 
     @property
     def all(self) -> list[str]:
-        return [self.state, self.window, self.probes]
+        return [self.state, self.window, self.probes, self.seq]

@@ -9,10 +9,13 @@ the rest of the library cannot tell the in-process store from Redis.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["MAX_LEASE_MS", "BreakerModel", "ModelConfig"]
+from ._protocol import NONE, Code, is_failure, is_slow
+
+__all__ = ["MAX_LEASE_MS", "BreakerModel", "ModelConfig", "roll_window", "trips"]
 
 #: A lease expiring later than now + this is garbage (no config grants more than a day).
 MAX_LEASE_MS = 86_400_000 + 1000
@@ -22,21 +25,22 @@ MAX_LEASE_MS = 86_400_000 + 1000
 class ModelConfig:
     """The decoded config string (ARGV[1] of every script)."""
 
-    ft: int
-    rt: int
-    st: int
-    frt: float
-    minc: int
-    count: bool
-    wn: int
-    bw: int
-    srt: float
-    homax: int
-    maxrt: int
-    mult: float
-    jitter: float
-    lease: int
-    ttl: int
+    # In the order of the config string; the Lua's name (CFG.<name>) after each field.
+    failure_threshold: int  # ft: consecutive failures that trip
+    recovery_ms: int  # rt: the open period
+    success_threshold: int  # st: probe successes that close
+    failure_rate: float  # frt: window failure rate that trips (0..1)
+    minimum_calls: int  # minc: calls in the window before the rates count
+    count_window: bool  # count: a count window (else a time window)
+    window_n: int  # wn: calls of a count window, buckets of a time window
+    bucket_ms: int  # bw: a time window's bucket width
+    slow_rate: float  # srt: window slow-call rate that trips
+    half_open_max: int  # homax: probes in flight at once
+    max_recovery_ms: int  # maxrt: the longest open period (backoff, Retry-After)
+    backoff_multiplier: float  # mult: open period growth per failed probe
+    jitter: float  # jitter: +- share of the open period
+    lease_ms: int  # lease: how long a probe permit lasts
+    ttl_ms: int  # ttl: key expiry
 
     @classmethod
     def parse(cls, s: str) -> ModelConfig:
@@ -45,6 +49,36 @@ class ModelConfig:
             int(c[0]), int(c[1]), int(c[2]), c[3], int(c[4]), c[5] == 1, int(c[6]), int(c[7]),
             c[8], int(c[9]), int(c[10]), c[11], c[12], int(c[13]), int(c[14]),
         )
+
+
+def trips(cfg: ModelConfig, calls: int, failures: int, slow: int, consecutive: int,
+          failed: bool, slow_call: bool) -> bool:
+    """The trip rule (record.lua's): after an outcome (`failed`, `slow_call`) has been
+    counted into the window (`calls`, `failures`, `slow`) and the run of `consecutive`
+    failures, does the breaker open? Either enough failures in a row, or, once the window
+    holds `minimum_calls`, a failure rate (on a failure) or slow-call rate (on a slow
+    call) at its threshold."""
+    return (failed and consecutive >= cfg.failure_threshold) or (
+        calls >= cfg.minimum_calls
+        and ((failed and failures >= cfg.failure_rate * calls)
+             or (slow_call and slow >= cfg.slow_rate * calls)))
+
+
+def roll_window(totals: tuple[int, int, int], last_epoch: int | None, epoch: int, n: int,
+                expired: Callable[[int], Sequence[int] | None]) -> tuple[int, int, int]:
+    """A time window's (calls, failures, slow) as of bucket `epoch`, from its `totals` as
+    of `last_epoch`: the buckets between fall out, each found by `expired(its epoch)`.
+    A window `n` or more buckets old (either way: the clock may step back) is empty."""
+    if last_epoch is None or abs(epoch - last_epoch) >= n:
+        return 0, 0, 0
+    if epoch <= last_epoch:
+        return totals
+    c, f, s = totals
+    for k in range(last_epoch + 1, epoch + 1):
+        b = expired(k - n)
+        if b:
+            c, f, s = c - b[0], f - b[1], s - b[2]
+    return c, f, s
 
 
 @dataclass
@@ -59,21 +93,12 @@ class _Window:
     head: int = 0
 
     def view_time(self, cfg: ModelConfig, now: int) -> tuple[int, int, int]:
-        ep = now // cfg.bw
-        if self.last_epoch is None or abs(ep - self.last_epoch) >= cfg.wn:
-            return 0, 0, 0
-        if ep <= self.last_epoch:
-            return self.calls, self.failures, self.slow
-        c, f, s = self.calls, self.failures, self.slow
-        for k in range(self.last_epoch + 1, ep + 1):
-            b = self.buckets.get(k - cfg.wn)
-            if b:
-                c, f, s = c - b[0], f - b[1], s - b[2]
-        return c, f, s
+        return roll_window((self.calls, self.failures, self.slow), self.last_epoch,
+                           now // cfg.bucket_ms, cfg.window_n, self.buckets.get)
 
     def add_time(self, cfg: ModelConfig, now: int, failed: bool, slow: bool) -> None:
-        ep = now // cfg.bw
-        if self.last_epoch is None or abs(ep - self.last_epoch) >= cfg.wn:
+        ep = now // cfg.bucket_ms
+        if self.last_epoch is None or abs(ep - self.last_epoch) >= cfg.window_n:
             self.buckets.clear()
             self.calls = self.failures = self.slow = 0
             self.last_epoch = ep
@@ -81,7 +106,7 @@ class _Window:
             ep = self.last_epoch  # server clock stepped back: count in the newest bucket
         else:
             for k in range(self.last_epoch + 1, ep + 1):
-                b = self.buckets.pop(k - cfg.wn, None)
+                b = self.buckets.pop(k - cfg.window_n, None)
                 if b:
                     self.calls -= b[0]
                     self.failures -= b[1]
@@ -96,16 +121,16 @@ class _Window:
         self.slow += slow
 
     def add_count(self, cfg: ModelConfig, failed: bool, slow: bool) -> None:
-        code = int(failed) + 2 * int(slow)
-        if len(self.ring) >= cfg.wn:
+        code = Code.of(failed, slow)
+        if len(self.ring) >= cfg.window_n:
             old = self.ring[self.head]
-            self.failures -= old in (1, 3)
-            self.slow -= old >= 2
+            self.failures -= is_failure(old)
+            self.slow -= is_slow(old)
             self.ring[self.head] = code
         else:
             self.ring.append(code)
             self.calls += 1
-        self.head = (self.head + 1) % cfg.wn
+        self.head = (self.head + 1) % cfg.window_n
         self.failures += failed
         self.slow += slow
 
@@ -127,6 +152,8 @@ class BreakerModel:
     exists: bool = False
     window: _Window = field(default_factory=_Window)
     probes: dict[str, int] = field(default_factory=dict)
+    #: Numbers this breaker's messages in its prefix's sequence (KEYS[4] in Lua); None: '-'.
+    seq: Callable[[], int] | None = field(default=None, repr=False, compare=False)
 
     # -- helpers mirroring lua/_lib.lua --------------------------------------------------
 
@@ -156,10 +183,10 @@ class BreakerModel:
 
     @staticmethod
     def _backoff(cfg: ModelConfig, reopen: int, rnd: float) -> int:
-        d = cfg.rt * (cfg.mult**reopen)
-        d = min(d, cfg.maxrt)
+        d = cfg.recovery_ms * (cfg.backoff_multiplier**reopen)
+        d = min(d, cfg.max_recovery_ms)
         d = d * (1 + cfg.jitter * (2 * rnd - 1))
-        d = max(min(d, cfg.maxrt), 1)
+        d = max(min(d, cfg.max_recovery_ms), 1)
         return math.floor(d)
 
     def _expire_probes(self, now: int) -> None:
@@ -170,9 +197,11 @@ class BreakerModel:
 
     def _msg(self, event: str, frm: str, now: int, name: str) -> str:
         to = self.effective
+        seq = "-" if self.seq is None else self.seq()
+        sender = name if " " in name else f"- {name}"
         return (
             f"v1 {event} {frm or to} {to} {self.gen} {self.open_until} {now} "
-            f"{self.forced or '-'} {name}"
+            f"{self.forced or '-'} {seq} {sender}"
         )
 
     def _reply(
@@ -184,7 +213,7 @@ class BreakerModel:
                 free, c, f, s, self.cf, ""]
 
     def _window_view(self, cfg: ModelConfig, now: int) -> tuple[int, int, int]:
-        if cfg.count:
+        if cfg.count_window:
             w = self.window
             return w.calls, w.failures, w.slow
         return self.window.view_time(cfg, now)
@@ -209,10 +238,10 @@ class BreakerModel:
             msgs.append(self._msg("t", frm, now, name))
         self._expire_probes(now)
         n = len(self.probes)
-        if n < cfg.homax:
-            self.probes[lease] = now + cfg.lease
+        if n < cfg.half_open_max:
+            self.probes[lease] = now + cfg.lease_ms
             self._save(now, fp)
-            return self._reply(2, now, frm, 0, cfg.homax - n - 1), msgs
+            return self._reply(2, now, frm, 0, cfg.half_open_max - n - 1), msgs
         first = min(self.probes.values())
         return self._reply(0, now, frm, max(first - now, 1), 0), msgs
 
@@ -227,13 +256,13 @@ class BreakerModel:
         for gen, code, lease, ra in outcomes:
             if lease and self.probes.pop(lease, None) is not None:
                 freed = True
-            if code == 4 or gen != self.gen or self.forced or self.state == "open":
+            if code == NONE or gen != self.gen or self.forced or self.state == "open":
                 continue
             counted += 1
-            failed = code in (1, 3)
-            slow = code >= 2
+            failed = is_failure(code)
+            slow = is_slow(code)
             if self.state == "closed":
-                if cfg.count:
+                if cfg.count_window:
                     self.window.add_count(cfg, failed, slow)
                 else:
                     self.window.add_time(cfg, now, failed, slow)
@@ -241,11 +270,8 @@ class BreakerModel:
                 w = (win.calls, win.failures, win.slow)
                 self.cf = self.cf + 1 if failed else 0
                 c, f, s = w
-                if (failed and self.cf >= cfg.ft) or (
-                    c >= cfg.minc
-                    and ((failed and f >= cfg.frt * c) or (slow and s >= cfg.srt * c))
-                ):
-                    open_ms = min(ra, cfg.maxrt) if failed and ra > 0 else cfg.rt
+                if trips(cfg, c, f, s, self.cf, failed, slow):
+                    open_ms = min(ra, cfg.max_recovery_ms) if failed and ra > 0 else cfg.recovery_ms
                     self.reopen = 0
                     frm = frm or self.effective
                     self._transition("open", now, open_ms)
@@ -253,7 +279,7 @@ class BreakerModel:
             else:  # half_open
                 if failed:
                     if ra > 0:
-                        open_ms = min(ra, cfg.maxrt)
+                        open_ms = min(ra, cfg.max_recovery_ms)
                     else:
                         open_ms = self._backoff(cfg, self.reopen + 1, rnd)
                     self.reopen += 1
@@ -261,7 +287,7 @@ class BreakerModel:
                     self._transition("open", now, open_ms)
                 else:
                     self.hs += 1
-                    if self.hs >= cfg.st:
+                    if self.hs >= cfg.success_threshold:
                         frm = frm or self.effective
                         self._transition("closed", now)
         self._save(now, fp)
@@ -280,7 +306,7 @@ class BreakerModel:
 
     def snapshot(self, cfg: ModelConfig, now: int) -> list[Any]:
         active = sum(1 for exp in self.probes.values() if now < exp <= now + MAX_LEASE_MS)
-        free = max(cfg.homax - active, 0) if self.state == "half_open" else -1
+        free = max(cfg.half_open_max - active, 0) if self.state == "half_open" else -1
         retry = 0
         if self.forced == "open":
             retry = -1

@@ -15,11 +15,17 @@ change goes through `SnapshotCell`, under one lock and one ordering rule:
   so a server clock that jumped back cannot freeze a process;
 - a background refresh carries the sequence number it was sent at and yields to anything
   installed since.
+
+A snapshot is stale when nothing confirmed it for `max_staleness`: a reply, or the
+listener's heartbeat (`heard`: every message published before a moment was heard), and in
+any case once it was installed more than `reread_after` ago (what never publishes: a key
+that expired, an edit by hand).
 """
 
 from __future__ import annotations
 
 import math
+import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,10 +35,12 @@ from ._config import CircuitState
 __all__ = ["UNKNOWN", "LocalSnapshot", "SnapshotCell"]
 
 _INF = math.inf
+# a snapshot confirmed by the listener's heartbeat is still re-read this often
+REREAD_MIN_S, REREAD_FACTOR = 300.0, 30.0
 _CLOSED, _OPEN = CircuitState.CLOSED, CircuitState.OPEN
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LocalSnapshot:
     """This process's view of the shared state, and when (local monotonic) it was current."""
 
@@ -60,11 +68,14 @@ class SnapshotCell:
     it was last confirmed, and the hold of batched mode. Readers take the attributes
     without the lock (each is replaced whole); writers use the methods."""
 
-    __slots__ = ("_lock", "admit_from", "confirmed_at", "held_gen", "max_staleness", "seq",
-                 "snap")
+    __slots__ = ("_lock", "admit_from", "confirmed_at", "held_gen", "max_staleness",
+                 "reread_after", "seq", "snap")
 
     def __init__(self, max_staleness: float) -> None:
         self.max_staleness = max_staleness
+        # spread: breakers installed together are not all re-read in the same tick
+        self.reread_after = max(REREAD_MIN_S, REREAD_FACTOR * max_staleness) * (
+            1 + random.random() / 4)
         self._lock = threading.Lock()
         self.snap = UNKNOWN
         self.admit_from = -_INF
@@ -114,6 +125,15 @@ class SnapshotCell:
                 return
         self.offer(LocalSnapshot(_CLOSED, "", generation, server_ms, now, True), -_INF,
                    late=late)
+
+    def heard(self, asked: float) -> None:
+        """The listener heard every message published before `asked`: a snapshot from
+        Redis installed before then was still current then. One marked stale (waiting for
+        a re-read) stays stale."""
+        with self._lock:
+            s = self.snap
+            if s.known and not s.local and s.at > -_INF and asked > self.confirmed_at:
+                self.confirmed_at = asked
 
     def _set(self, snap: LocalSnapshot, admit_from: float, confirmed: float) -> None:
         self.snap = snap
@@ -173,4 +193,6 @@ class SnapshotCell:
         self.mark_stale()
 
     def is_stale(self, now: float) -> bool:
-        return now - max(self.confirmed_at, self.snap.at) > self.max_staleness
+        at = self.snap.at
+        return (now - max(self.confirmed_at, at) > self.max_staleness
+                or now - at > self.reread_after)

@@ -137,7 +137,7 @@ def _sentinel_client(spec: str, service: str, url: str | None) -> Any:
             kw["username"] = u.username
         if u.path.strip("/").isdigit():
             kw["db"] = int(u.path.strip("/"))
-    client = Sentinel(addrs, socket_timeout=3).master_for(service, **kw)  # type: ignore[no-untyped-call]
+    client = Sentinel(addrs, socket_timeout=3).master_for(service, **kw)  # type: ignore[no-untyped-call, unused-ignore]
     client.ping()
     return client
 
@@ -251,7 +251,7 @@ def _cmd_reset(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
 
 def _cmd_watch(args: argparse.Namespace, out: TextIO) -> int:
     from ._admin import as_dicts, list_breakers
-    from ._ops import decode_push
+    from ._protocol import decode_push
 
     client = _client(args)
     ps = client.pubsub(ignore_subscribe_messages=True)

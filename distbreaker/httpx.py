@@ -46,8 +46,8 @@ from typing import Generic, TypeVar
 
 import httpx
 
-from ._core import Permit
 from ._errors import CircuitOpenError
+from ._outcome import Permit
 from .breaker import AsyncCircuitBreaker, CircuitBreaker
 from .providers import AsyncCircuitBreakerManager, CircuitBreakerManager, Provider
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections import deque
 from collections.abc import Generator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -143,10 +142,11 @@ def _init_with_seed_names(self: CircuitBreakerMetrics, *args: Any, **kw: Any) ->
 CircuitBreakerMetrics.__init__ = _init_with_seed_names  # type: ignore[method-assign]
 
 
-class _Counters:
+class Counters:
     """Thread-safe process-local counters with a bounded latency sample ring."""
 
     __slots__ = (
+        "_hi",
         "_hist",
         "_i",
         "_lat",
@@ -169,14 +169,19 @@ class _Counters:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._lat: list[float] = []
-        # (at, latency, failed, slow, timeout): RequestRecords are built when read
-        self._hist: deque[tuple[float, float, bool | None, bool, bool]] = deque(
-            maxlen=HISTORY_SIZE)
+        # (at, latency, failed, slow, timeout): RequestRecords are built when read. A ring
+        # in a list that grows as calls come (a deque takes a 64-slot block at once, and a
+        # process may hold 10,000 breakers that each see a few calls)
+        self._hist: list[tuple[float, float, bool | None, bool, bool]] = []
+        self._hi = 0  # the oldest entry once the ring is full
         self._i = 0
         self.total = self.successful = self.failed = 0
         self._rejected = itertools.count()
         self.slow = self.timeouts = self.ignored = self.stale = self.state_changes = 0
         self.probes = self.batches = self.lost = self.unshared = 0
+
+    def after_fork(self) -> None:
+        self._lock = threading.Lock()  # the parent may have held it while forking
 
     def reject(self) -> None:
         next(self._rejected)  # atomic without the lock: this runs on every rejected call
@@ -192,7 +197,12 @@ class _Counters:
                 self.successful += 1
             self.slow += slow
             self.timeouts += timeout
-            self._hist.append((time.time(), duration, failed, slow, timeout))
+            rec = (time.time(), duration, failed, slow, timeout)
+            if len(self._hist) < HISTORY_SIZE:
+                self._hist.append(rec)
+            else:
+                self._hist[self._hi] = rec
+                self._hi = (self._hi + 1) % HISTORY_SIZE
             if len(self._lat) < _LAT_RING:
                 self._lat.append(duration)
             else:
@@ -220,14 +230,15 @@ class _Counters:
                 self.probes, mean, p95, fleet, store_degraded, self.batches, pending,
                 self.lost, self.unshared, failovers, misconfigured,
                 tuple(RequestRecord(at, lat, _OUTCOME[failed], slow, timeout)
-                      for at, lat, failed, slow, timeout in self._hist),
+                      for at, lat, failed, slow, timeout
+                      in self._hist[self._hi:] + self._hist[:self._hi]),
             )
 
     def clear(self) -> None:
         with self._lock:
             self._lat.clear()
             self._hist.clear()
-            self._i = 0
+            self._hi = self._i = 0
             self.total = self.successful = self.failed = 0
             self._rejected = itertools.count()
             self.slow = self.timeouts = self.ignored = self.stale = self.state_changes = 0

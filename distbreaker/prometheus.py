@@ -18,7 +18,6 @@ from prometheus_client.registry import Collector
 
 from ._admin import list_breakers
 from ._config import CircuitState
-from ._core import BreakerCore
 
 __all__ = ["FleetCollector", "ProcessCollector", "serve"]
 
@@ -29,10 +28,10 @@ class ProcessCollector(Collector):
     """Metrics of this process's breakers. Pass breakers, a manager, or a callable that
     returns breakers (read on every scrape, so breakers added later are included)."""
 
-    def __init__(self, breakers: Iterable[BreakerCore] | Any) -> None:
+    def __init__(self, breakers: Iterable[Any] | Any) -> None:
         self._source = breakers
 
-    def _breakers(self) -> list[BreakerCore]:
+    def _breakers(self) -> list[Any]:
         src = self._source
         if hasattr(src, "providers") and hasattr(src, "get_breaker"):
             return [src.get_breaker(p) for p in src.providers]
@@ -79,25 +78,24 @@ class ProcessCollector(Collector):
             "Times this process failed over from Redis to its local fallback",
             labels=["breaker"])
         for b in self._breakers():
-            c = b._counters
+            m = b.get_metrics()  # local counts, no I/O
             n = b.name
-            calls.add_metric([n, "success"], c.successful)
-            calls.add_metric([n, "failure"], c.failed)
-            calls.add_metric([n, "ignored"], c.ignored)
-            rejected.add_metric([n], c.rejected)
-            trans.add_metric([n], c.state_changes)
-            probes.add_metric([n], c.probes)
-            slow.add_metric([n], c.slow)
-            timeouts.add_metric([n], c.timeouts)
+            calls.add_metric([n, "success"], m.successful_calls)
+            calls.add_metric([n, "failure"], m.failed_calls)
+            calls.add_metric([n, "ignored"], m.ignored_calls)
+            rejected.add_metric([n], m.rejected_calls)
+            trans.add_metric([n], m.state_changes)
+            probes.add_metric([n], m.probes)
+            slow.add_metric([n], m.slow_calls)
+            timeouts.add_metric([n], m.timeouts)
             cur = b.get_state().value
             for s in _STATES:
                 state.add_metric([n, s], 1.0 if s == cur else 0.0)
             degraded.add_metric([n], 1.0 if b.store_degraded else 0.0)
             misconfigured.add_metric([n], 0.0 if b.store_problem is None else 1.0)
-            unshared.add_metric([n], c.unshared)
-            lost.add_metric([n], c.lost)
-            g = b._guard
-            failovers.add_metric([n], g.failovers if g is not None else 0)
+            unshared.add_metric([n], m.unshared_outcomes)
+            lost.add_metric([n], m.lost_outcomes)
+            failovers.add_metric([n], m.store_failovers)
         yield from (calls, rejected, trans, probes, slow, timeouts, state, degraded,
                     misconfigured, unshared, lost, failovers)
 

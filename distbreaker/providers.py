@@ -18,11 +18,12 @@ import threading
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Generic, ParamSpec, TypeVar
 
+from ._announce import StateChangeHook
 from ._config import CircuitBreakerConfig, CircuitState
-from ._core import StateChangeHook
 from ._dual import COMPLETED, AwaitableDict, AwaitableList, Completed
 from ._errors import CircuitBreakerError
 from ._keys import DEFAULT_PREFIX
+from ._process import PROCESS
 from .breaker import AsyncCircuitBreaker, CircuitBreaker, _is_async_client
 from .stores import MemoryStore
 
@@ -197,7 +198,7 @@ class _ManagerBase(Generic[B]):
         return b
 
     def _hub_remove(self, b: B) -> None:
-        b._detach()
+        b.stop_listening()
 
     def get_breaker(self, provider: Provider) -> B:
         """The provider's breaker, registered with the default config if it is new."""
@@ -373,8 +374,6 @@ class AsyncCircuitBreakerManager(_ManagerBase[AsyncProviderCircuitBreaker]):
 
 # -- the process-wide manager -------------------------------------------------------------
 
-_GLOBAL: dict[str, Any] = {"manager": None, "pid": None, "config": None}
-_GLOBAL_LOCK = threading.Lock()
 
 
 def configure(redis: Any = None, *, url: str | None = None,
@@ -385,11 +384,10 @@ def configure(redis: Any = None, *, url: str | None = None,
         raise ValueError("pass either redis or url, not both")
     if url is not None:
         redis = _client_from_url(url)
-    with _GLOBAL_LOCK:
-        old = _GLOBAL["manager"]
-        m = CircuitBreakerManager(redis, default_config, prefix=prefix)
-        _GLOBAL.update(manager=m, pid=os.getpid())
-    if old is not None and _GLOBAL["pid"] == os.getpid():
+    with PROCESS.manager_lock:  # a forked child starts without its parent's (see _process)
+        old = PROCESS.manager
+        m = PROCESS.manager = CircuitBreakerManager(redis, default_config, prefix=prefix)
+    if old is not None:
         with contextlib.suppress(Exception):
             old.close()
     return m
@@ -409,9 +407,9 @@ def _client_from_url(url: str) -> Any:
 def get_circuit_breaker_manager() -> CircuitBreakerManager:
     """This process's manager: from `configure()`, else ``DISTBREAKER_REDIS_URL``, else an
     in-process store (with a warning: breakers are then not shared between processes)."""
-    with _GLOBAL_LOCK:
-        m = _GLOBAL["manager"]
-        if m is not None and _GLOBAL["pid"] == os.getpid():
+    with PROCESS.manager_lock:
+        m = PROCESS.manager
+        if m is not None:
             return m  # type: ignore[no-any-return]
     url = os.environ.get("DISTBREAKER_REDIS_URL")
     if url:

@@ -4,6 +4,8 @@
 --   KEYS[1]  distbreaker:v1:{<name>}          HASH  breaker state
 --   KEYS[2]  distbreaker:v1:{<name>}:window   HASH  sliding window
 --   KEYS[3]  distbreaker:v1:{<name>}:probes   ZSET  half-open probe leases (score = expiry ms)
+--   KEYS[4]  distbreaker:v1:seq  HASH  the prefix's message sequence (field n) and epoch (e);
+--            optional: a Cluster client leaves it out (it lives in another slot)
 --   ARGV[1]  config: ft,rt_ms,st,frt,minc,count,wn,bucket_ms,srt,homax,maxrt_ms,mult,jitter,lease_ms,ttl_ms
 --   ARGV[2]  config fingerprint (stored with the state to detect drift)
 --   ARGV[3]  pub/sub channel for transition messages
@@ -17,7 +19,7 @@
 -- with the KEYS and ARGV globals) and as a Redis Function library (loaded once; each
 -- function calls begin with its keys and args), so nothing below reads those globals.
 local KEYS, ARGV
-local K_STATE, K_WIN, K_PROBES, CFG, FP, CHANNEL, NAME, RND, NOW, NOTE, WTAG
+local K_STATE, K_WIN, K_PROBES, K_SEQ, CFG, FP, CHANNEL, NAME, RND, NOW, NOTE, WTAG
 
 local function num(v, d)
   v = tonumber(v)
@@ -48,7 +50,7 @@ local CFG_CACHE, CFG_CACHED = {}, 0
 
 local function begin(keys, argv)
   KEYS, ARGV = keys, argv
-  K_STATE, K_WIN, K_PROBES = keys[1], keys[2], keys[3]
+  K_STATE, K_WIN, K_PROBES, K_SEQ = keys[1], keys[2], keys[3], keys[4]
   CFG = CFG_CACHE[argv[1]]
   if CFG == nil then
     CFG = parse_cfg(argv[1])
@@ -76,11 +78,18 @@ end
 local STATES = {closed = true, open = true, half_open = true}
 local FORCED = {[''] = true, open = true, closed = true}
 
--- S: the state hash as a table; S.dirty marks that it must be written back.
-local function load()
-  local ok, v = pcall(redis.call, 'HMGET', K_STATE, 'state', 'generation', 'open_until_ms',
+-- The state hash's fields, in the order load() reads them.
+local function read_state()
+  return pcall(redis.call, 'HMGET', K_STATE, 'state', 'generation', 'open_until_ms',
     'consecutive_failures', 'half_open_successes', 'reopen_count', 'forced', 'updated_at_ms',
     'config_fingerprint')
+end
+
+-- S: the state hash as a table; S.dirty marks that it must be written back. `pre`: the
+-- reply of a read_state() already made in this call (record.lua's lean path).
+local function load(pre)
+  local ok, v = true, pre
+  if v == nil then ok, v = read_state() end
   if not ok then
     redis.call('DEL', K_STATE, K_WIN, K_PROBES)
     repair('state key had the wrong type')
@@ -187,14 +196,23 @@ local function backoff_ms(reopen)
 end
 
 local function publish(S, event)
-  -- "v1 <event> <from> <to> <generation> <open_until_ms> <now_ms> <forced|-> [<origin>] <name>"
+  -- "v1 <event> <from> <to> <generation> <open_until_ms> <now_ms> <forced|-> <seq|->
+  --  <origin|-> <name>". seq numbers the prefix's messages, so a listener can tell that
+  -- it missed one; garbage in that key (or an ACL without it) costs only the number.
   local to = effective(S.state, S.forced)
   local from = S.from
   if from == '' then from = to end
   local f = S.forced
   if f == '' then f = '-' end
+  local seq = '-'
+  if K_SEQ then
+    local n = redis.pcall('HINCRBY', K_SEQ, 'n', 1)
+    if type(n) == 'number' then seq = n end
+  end
+  local sender = NAME
+  if not string.find(sender, ' ', 1, true) then sender = '- ' .. sender end
   redis.call('PUBLISH', CHANNEL, 'v1 ' .. event .. ' ' .. from .. ' ' .. to .. ' ' .. S.gen ..
-    ' ' .. S.open_until .. ' ' .. NOW .. ' ' .. f .. ' ' .. NAME)
+    ' ' .. S.open_until .. ' ' .. NOW .. ' ' .. f .. ' ' .. seq .. ' ' .. sender)
 end
 
 -- Time window: CFG.wn buckets of CFG.bw ms; fields e (newest bucket epoch), c f s (totals),

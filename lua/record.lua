@@ -4,6 +4,7 @@
 --                 generation it was admitted under; code (0 ok, 1 failed, 2 slow ok,
 --                 3 slow failed, 4 no outcome: only give the lease back); lease id or '';
 --                 retry_after_ms from the provider (0 = none), the open period if it trips
+--                 (one outcome: ARGV[8] generation, ARGV[9] code, ARGV[10] lease, ARGV[11])
 --          'c': the same, and the short reply also carries the window counts
 --          'r': ARGV[8] is a batch of outcomes without leases, as runs of equal ones:
 --               'gen,code,retry_after_ms,count;...' (batched mode: one short argument
@@ -15,8 +16,50 @@
 --          {counted, generation, now_ms, window calls, failures, slow, consecutive_failures}.
 -- An outcome of an older generation never drives a transition.
 
+local function int_ok(raw)
+  -- as load() accepts a stored number: absent, or a non-negative integer below 2^53
+  if raw == false or raw == nil then return true end
+  local n = tonumber(raw)
+  return n ~= nil and n >= 0 and n == math.floor(n) and n < 2 ^ 53
+end
+
+-- The common call, lean: one success, no lease, plainly CLOSED (no override, no failure
+-- run to reset, the state hash fresh enough not to be rewritten), a time window whose
+-- current bucket is the newest. It writes what the full path below would (the window's
+-- total and bucket calls) with a fraction of its work; anything else, or anything odd
+-- (garbage to repair included), takes the full path, with the state it read if it read
+-- it in full: returns (reply) or (nil, state fields or nil).
+local function lean()
+  if ARGV[7] ~= '' or #ARGV ~= 11 or ARGV[9] ~= '0' or ARGV[10] ~= '' or CFG.count then
+    return nil, nil
+  end
+  local ok, v = read_state()
+  if not ok then return nil, nil end  -- the full path repairs it
+  if v[1] ~= 'closed' or v[2] ~= ARGV[8] or v[4] ~= '0' or v[7] ~= '' then
+    return nil, v
+  end
+  for i = 2, 6 do
+    if not int_ok(v[i]) then return nil, v end
+  end
+  local updated = tonumber(v[8])
+  if updated == nil or NOW - updated >= CFG.ttl / 8 then return nil, v end
+  local ep = math.floor(NOW / CFG.bw)
+  local i = ep % CFG.wn
+  local w
+  ok, w = pcall(redis.call, 'HMGET', K_WIN, 'e', 'k', 'c', 'f', 's', 'c' .. i)
+  if not ok or tonumber(w[1]) ~= ep or w[2] ~= WTAG then return nil, v end
+  local c, f, sl, bc = tonumber(w[3]), tonumber(w[4]), tonumber(w[5]), num(w[6], 0)
+  if c == nil or f == nil or sl == nil or c < 0 or f < 0 or sl < 0 or f > c or sl > c then
+    return nil, v
+  end
+  redis.call('HSET', K_WIN, 'c', c + 1, 'c' .. i, bc + 1)
+  return {1, tonumber(v[2]), NOW}
+end
+
 local function main()
-  local S = load()
+  local fast, state = lean()
+  if fast then return fast end
+  local S = load(state)
   local W
   local counted = 0
   local freed = false

@@ -51,7 +51,7 @@ async def amake(request: pytest.FixtureRequest) -> AsyncIterator[Factory]:
     def factory(name: str = "asvc", cfg: CircuitBreakerConfig | None = None,
                 **kw: Any) -> AsyncCircuitBreaker:
         b = AsyncCircuitBreaker(name, cfg or CircuitBreakerConfig(), redis=backend(), **kw)
-        b._now_ms = T0
+        b.set_test_clock(T0)
         made.append(b)
         return b
 
@@ -65,7 +65,8 @@ async def amake(request: pytest.FixtureRequest) -> AsyncIterator[Factory]:
 
 def cfg(**kw: Any) -> CircuitBreakerConfig:
     base: dict[str, Any] = dict(failure_threshold=3, recovery_timeout=10.0, success_threshold=1,
-                                minimum_calls=100, backoff_jitter=0.0, max_staleness=60.0)
+                                minimum_calls=100, backoff_jitter=0.0, max_staleness=60.0,
+                                redis_timeout=2.0)  # semantics, not deadlines (see test_contract)
     base.update(kw)
     return CircuitBreakerConfig(**base)
 
@@ -80,7 +81,7 @@ async def one() -> int:
 
 async def at(ms: int, *bs: AsyncCircuitBreaker) -> None:
     for b in bs:
-        b._now_ms = T0 + ms
+        b.set_test_clock(T0 + ms)
         await b.refresh()
 
 
@@ -250,7 +251,7 @@ async def test_cancelled_during_acquire_gives_the_lease_back(amake: Factory) -> 
     gate.set()
     for _ in range(50):  # the reply lands, the lease goes back
         await asyncio.sleep(0.01)
-        if not a._background:
+        if not a._engine.background:
             break
     await at(10_000, b)
     assert await b.call(one) == 1  # b got the probe: a's lease was returned

@@ -32,7 +32,7 @@ from distbreaker import (
     CircuitOpenError,
     CircuitState,
 )
-from distbreaker._ops import record_outcomes
+from distbreaker._protocol import record_outcomes
 from distbreaker.stores import MemoryStore
 
 from redis_server import RedisServer
@@ -233,7 +233,7 @@ def test_flush_timeout_forgets_its_waiter() -> None:
     b.call(ok)
     assert spy.entered.wait(10)
     assert b.flush(0.05) is False
-    assert b._batch is not None and b._batch.waiters == []
+    assert b._core.batch is not None and b._core.batch.waiters == []
     spy.gate.set()
     assert b.flush(10)
     b.close()
@@ -386,14 +386,14 @@ def test_probe_outcomes_are_sent_at_once(redis_client: redis.Redis) -> None:
     b = CircuitBreaker(n, CircuitBreakerConfig(**{**BATCHED, "failure_threshold": 2,
                                                   "recovery_timeout": 1.0}),
                        redis=redis_client)
-    b._now_ms = 1_000_000
+    b.set_test_clock(1_000_000)
     for _ in range(2):
         with contextlib.suppress(Boom, CircuitOpenError):
             b.call(boom)
     assert b.flush(10) and state(redis_client, n)["state"] == "open"
     time.sleep(0.3)  # the trip's own push arrives (it would re-install OPEN after _forget)
-    b._now_ms += 1_500
-    b._forget()
+    b.set_test_clock((b.test_clock or 0) + 1_500)
+    b._core.cell.forget()
     spy = Spy(b)
     spy.gate.clear()
     threading.Timer(0.2, spy.gate.set).start()
@@ -622,3 +622,99 @@ def test_config_validation() -> None:
     # the write path is per process: it does not change the shared config's fingerprint
     assert (CircuitBreakerConfig(consistency="batched").fingerprint
             == CircuitBreakerConfig().fingerprint)
+
+
+def test_due_breakers_share_one_pipeline(redis_client: redis.Redis,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many breakers of one client: their batches go out together, a pipeline per pass of
+    the writer, not one round trip per breaker; every outcome is applied exactly once."""
+    from distbreaker.stores.redis import RedisStore
+
+    rounds: list[int] = []
+    singles = [0]
+    many, one = RedisStore._send_many, RedisStore._send
+
+    def counted_many(self: RedisStore, payloads: list[bytes]) -> list[Any]:
+        rounds.append(len(payloads))
+        return many(self, payloads)
+
+    def counted_one(self: RedisStore, payload: bytes) -> Any:
+        if b"_record\r\n" in payload:
+            singles[0] += 1
+        return one(self, payload)
+
+    monkeypatch.setattr(RedisStore, "_send_many", counted_many)
+    monkeypatch.setattr(RedisStore, "_send", counted_one)
+    c = redis.Redis(port=redis_client.connection_pool.connection_kwargs["port"])
+    n = 300
+    names = [name() for _ in range(n)]
+    bs = [CircuitBreaker(x, CircuitBreakerConfig(**BATCHED), redis=c) for x in names]
+    for b in bs:
+        b.flush(5)  # each breaker's first read is done
+    for _ in range(3):
+        for b in bs:
+            b.call(ok)
+        with contextlib.suppress(Boom):
+            bs[0].call(boom)
+    for b in bs:
+        assert b.flush(10)
+    for x in names:
+        w = window(redis_client, x)
+        assert w["c"] == ("6" if x == names[0] else "3"), (x, w)
+    assert all(b.get_metrics().lost_outcomes == 0 for b in bs)
+    sent = sum(rounds) + singles[0]
+    assert sent >= n  # every breaker's batches went somewhere...
+    assert len(rounds) + singles[0] < sent / 10, (rounds, singles)  # ...in few round trips
+    assert max(rounds) > 50, rounds
+    for b in bs:
+        b.close()
+    c.close()
+
+
+def test_a_pipeline_timed_out_asks_redis_once_not_once_per_breaker(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A blackhole swallows a pipeline of many breakers' batches: whether Redis is silent
+    or one connection stuck is asked once for all of them (a PING per breaker, each
+    waiting failover_after, stalled the writer for minutes)."""
+    from tcp_proxy import TcpProxy
+
+    from distbreaker.stores.redis import RedisStore
+
+    pings: list[float] = []
+    alive = RedisStore.alive
+
+    def counted(self: RedisStore, timeout: float) -> bool:
+        pings.append(timeout)
+        return alive(self, timeout)
+
+    monkeypatch.setattr(RedisStore, "alive", counted)
+    server = RedisServer().start()
+    proxy = TcpProxy(server.port).start()
+    cfg = CircuitBreakerConfig(**{**BATCHED, "redis_background_timeout": 0.4,
+                                  "failover_after": 0.2})
+    c = redis.Redis.from_url(proxy.url)
+    bs = [CircuitBreaker(name(), cfg, redis=c) for _ in range(40)]
+    try:
+        for b in bs:
+            assert b.flush(5)
+        bs[0].call(ok)
+        assert bs[0].flush(5)  # the writer's connection is open
+        proxy.blackhole(True)
+        t0 = time.monotonic()
+        for b in bs:
+            b.call(ok)
+        for b in bs:
+            b.flush(5)
+        took = time.monotonic() - t0
+        proxy.blackhole(False)
+        lost = sum(b.get_metrics().lost_outcomes + b.get_metrics().unshared_outcomes
+                   for b in bs)
+        assert lost >= 1  # swallowed: reported, never silently dropped
+        assert len(pings) <= 4, pings  # once per pipeline, not once per breaker
+        assert took < 5.0, took
+    finally:
+        for b in bs:
+            b.close()
+        c.close()
+        proxy.stop()
+        server.stop()

@@ -2,9 +2,9 @@
 every way we know, one fault at a time, while the backend fails now and then.
 
 Setup: a private redis-server holds the breaker (the *data* server), a TCP proxy (in its
-own process, tests/tcp_proxy.py) stands between it and the workers, and a second private
+own process, tests/support/tcp_proxy.py) stands between it and the workers, and a second private
 redis-server (*control*) carries the test's orders and the workers' reports, so no fault
-ever disturbs them. The workers (tests/campaign_worker.py) are sync strict, sync batched,
+ever disturbs them. The workers (tests/support/campaign_worker.py) are sync strict, sync batched,
 asyncio strict and asyncio batched, calling a guarded backend about 150 times a second.
 The test also listens to the breaker's channel directly (not through the proxy) and
 samples the state in Redis and every worker's `get_state()` every 50 ms.
@@ -63,12 +63,13 @@ from redis.retry import Retry
 import distbreaker
 from distbreaker import CircuitBreakerConfig
 from distbreaker._keys import BreakerKeys, channel_for
+from distbreaker._protocol import decode_push
 
 from redis_server import RedisServer
 
 HERE = Path(__file__).resolve().parent
-WORKER = HERE / "campaign_worker.py"
-PROXY = HERE / "tcp_proxy.py"
+WORKER = HERE / "support" / "campaign_worker.py"
+PROXY = HERE / "support" / "tcp_proxy.py"
 
 CAMPAIGN_S = float(os.environ.get("DISTBREAKER_CAMPAIGN_S", "60"))
 RATE = 150  # calls per second per worker
@@ -118,7 +119,7 @@ def _effective(state: bytes | str | None, forced: bytes | str | None) -> str:
 
 
 class ProxyProcess:
-    """tests/tcp_proxy.py in its own process, driven over stdin."""
+    """tests/support/tcp_proxy.py in its own process, driven over stdin."""
 
     def __init__(self, target_port: int) -> None:
         self.proc = subprocess.Popen([sys.executable, str(PROXY), str(target_port)],
@@ -195,17 +196,16 @@ class Subscriber(threading.Thread):
             self.connected[-1][1] = time.time()
 
     def _take(self, data: bytes, recv: float) -> None:
-        parts = data.decode().split(" ")
-        if len(parts) == 9:
-            parts.insert(8, "")
-        if len(parts) != 10 or parts[0] != "v1" or parts[9] != self.name_:
+        p = decode_push(data)
+        if p is None or p.name != self.name_:
             self.other += 1
             return
-        _, ev, frm, to, gen, _until, now, forced, origin, _name = parts
-        if frm == to:
+        if p.from_state is p.to_state:
             return
-        self.messages.append({"recv": recv, "t": int(now) / 1000.0, "ev": ev, "from": frm,
-                              "to": to, "gen": int(gen), "forced": forced, "origin": origin})
+        self.messages.append({"recv": recv, "t": p.now_ms / 1000.0, "ev": p.event,
+                              "from": p.from_state.value, "to": p.to_state.value,
+                              "gen": p.generation, "forced": p.forced or "-",
+                              "origin": p.origin})
 
     def connected_over(self, a: float, b: float) -> bool:
         return any(s <= a and b <= e for s, e in self.connected)

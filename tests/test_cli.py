@@ -282,7 +282,7 @@ def test_a_breaker_does_not_hear_its_own_push_as_news() -> None:
     lost): a second copy is not news."""
     import time as _t
 
-    from distbreaker._ops import Push
+    from distbreaker._protocol import Push
 
     b = CircuitBreaker("own", CircuitBreakerConfig(max_staleness=60))
     events: list[Any] = []
@@ -290,16 +290,16 @@ def test_a_breaker_does_not_hear_its_own_push_as_news() -> None:
     b.refresh()
     now = int(_t.monotonic() * 1000) + 10
     push = Push("t", CircuitState.CLOSED, CircuitState.OPEN, 1, now + 1000, now, "", "own",
-                b._origin)
-    b._apply_push(push, _t.monotonic())
+                b._core.calls.origin)
+    b._engine.apply_push(push, _t.monotonic())
     assert [(e.new_state, e.local) for e in events] == [(CircuitState.OPEN, True)]
     assert b.get_state() is CircuitState.OPEN
-    b._apply_push(push, _t.monotonic())
+    b._engine.apply_push(push, _t.monotonic())
     assert len(events) == 1
     events.clear()
     other = Push("t", CircuitState.OPEN, CircuitState.HALF_OPEN, 2, now, now + 1, "", "own",
                  "someone")
-    b._apply_push(other, _t.monotonic())
+    b._engine.apply_push(other, _t.monotonic())
     assert [(e.new_state, e.local) for e in events] == [(CircuitState.HALF_OPEN, False)]
 
 

@@ -1,4 +1,4 @@
-"""Breakers on a real 3-primary Redis Cluster (tests/redis_topology.py starts it).
+"""Breakers on a real 3-primary Redis Cluster (tests/support/redis_topology.py starts it).
 
 Every key of a breaker carries the hash tag ``{<name>}``, so each script touches one slot on
 one primary; the transition message is PUBLISHed inside the script on that primary and
@@ -36,6 +36,9 @@ from distbreaker import (
     CircuitState,
 )
 from distbreaker.providers import CircuitBreakerManager
+
+if __name__ == "__main__":  # run as a worker process: its helpers are in tests/support
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 
 from redis_topology import HOST, ClusterTopology, Worker, pids_alive, stdin_closed_event
 

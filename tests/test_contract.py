@@ -1,9 +1,9 @@
 """One scenario table, run against every store: in-process model, fakeredis (Lua), real Redis.
 
-Several breaker objects on one store stand for several processes. Time is the private test
-clock (`breaker._now_ms`), passed to the scripts instead of Redis TIME; `at()` moves it and
-re-reads the snapshot, since the local fast path measures open periods on the monotonic
-clock.
+Several breaker objects on one store stand for several processes. Time is the test clock
+(`breaker.set_test_clock()`), passed to the scripts instead of Redis TIME; `at()` moves it
+and re-reads the snapshot, since the local fast path measures open periods on the
+monotonic clock.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from distbreaker import (
     CircuitState,
     MemoryStore,
 )
-from distbreaker._ops import decode_push
+from distbreaker._protocol import decode_push
 
 T0 = 1_700_000_000_000
 
@@ -67,8 +67,8 @@ def make(request: pytest.FixtureRequest) -> Iterator[Factory]:
     def factory(name: str = "svc", cfg: CircuitBreakerConfig | None = None,
                 **kw: Any) -> CircuitBreaker:
         b = CircuitBreaker(name, cfg or CircuitBreakerConfig(), redis=backend(), **kw)
-        b._now_ms = T0
-        b._forget()
+        b.set_test_clock(T0)
+        b._core.cell.forget()
         made.append(b)
         return b
 
@@ -80,7 +80,7 @@ def make(request: pytest.FixtureRequest) -> Iterator[Factory]:
 
 def at(ms: int, *breakers: CircuitBreaker) -> None:
     for b in breakers:
-        b._now_ms = T0 + ms
+        b.set_test_clock(T0 + ms)
         b.refresh()
 
 
@@ -103,8 +103,11 @@ def rejected(b: CircuitBreaker) -> CircuitOpenError:
 
 
 def cfg(**kw: Any) -> CircuitBreakerConfig:
+    # redis_timeout is generous: the table is about semantics, and on a loaded CI machine a
+    # 50 ms reply deadline let a trip's reply land in the background after the assert.
     base: dict[str, Any] = dict(failure_threshold=3, recovery_timeout=10.0, success_threshold=2,
-                                minimum_calls=100, backoff_jitter=0.0, max_staleness=60.0)
+                                minimum_calls=100, backoff_jitter=0.0, max_staleness=60.0,
+                                redis_timeout=2.0)
     base.update(kw)
     return CircuitBreakerConfig(**base)
 
@@ -264,11 +267,11 @@ def test_a_late_transition_push_does_not_forget_that_no_probe_is_free(
         s = b.snapshot
         late = decode_push(f"v1 t open half_open {s.generation} 0 {s.server_ms} - x svc")
         assert late is not None
-        b._apply_push(late, time.monotonic())
+        b._engine.apply_push(late, time.monotonic())
         assert not b.is_available()
         freed = decode_push(f"v1 p half_open half_open {s.generation} 0 {s.server_ms} - x svc")
         assert freed is not None
-        b._apply_push(freed, time.monotonic())
+        b._engine.apply_push(freed, time.monotonic())
         assert b.is_available()
 
 
@@ -320,7 +323,7 @@ def test_probe_lease_expires_when_the_prober_vanishes(make: Factory) -> None:
     a, b = make(cfg=cfg(probe_lease=2.0)), make(cfg=cfg(probe_lease=2.0))
     trip(a)
     at(10_000, a, b)
-    permit = a._admit()  # a takes the probe and "dies": never finishes it
+    permit = a._engine.admit()  # a takes the probe and "dies": never finishes it
     assert permit.is_probe
     at(11_999, b)
     rejected(b)
@@ -470,3 +473,27 @@ def test_two_step_admit_finish(make: Factory) -> None:
     m = b.get_metrics()
     assert (m.failed_calls, m.successful_calls, m.ignored_calls) == (1, 1, 1)
     assert m.fleet is not None and m.fleet.calls == 2
+
+
+def test_the_test_clock_is_public_checked_and_moves_open_periods() -> None:
+    cfg = CircuitBreakerConfig(failure_threshold=1, recovery_timeout=30)
+    b = CircuitBreaker("clock", cfg)
+    for bad in (-1, 1.5, "1000", True):
+        with pytest.raises(ValueError, match="test clock"):
+            b.set_test_clock(bad)  # type: ignore[arg-type]
+    assert b.test_clock is None
+    b.set_test_clock(T0)
+    with pytest.raises(ZeroDivisionError):
+        b.call(lambda: 1 / 0)
+    assert b.get_state() is CircuitState.OPEN
+    b.set_test_clock(T0 + 29_000)
+    b._core.cell.forget()
+    with pytest.raises(CircuitOpenError):
+        b.call(lambda: 1)  # 29 s of Redis-side time: still open
+    b.set_test_clock(T0 + 31_000)
+    b._core.cell.forget()
+    assert b.call(lambda: 1) == 1  # the open period ended on the test clock: a probe
+    assert b.test_clock == T0 + 31_000
+    b.set_test_clock(None)
+    assert b.test_clock is None
+    b.close()

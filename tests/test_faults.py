@@ -25,7 +25,7 @@ from distbreaker import CircuitBreaker, CircuitBreakerConfig, CircuitState
 
 from redis_server import RedisServer
 
-WORKER = Path(__file__).with_name("fault_worker.py")
+WORKER = Path(__file__).parent / "support" / "fault_worker.py"
 CFG = dict(failure_threshold=5, recovery_timeout=1.0, minimum_calls=1000, max_staleness=1.0)
 
 
@@ -215,7 +215,7 @@ def test_garbage_in_redis_never_raises(title: str, cmd: list[Any], replace: bool
         subprocess.run([*cli, "DEL", argv[1]], check=True, capture_output=True)
     out = subprocess.run([*cli, *argv], check=True, capture_output=True, text=True)
     assert "ERR" not in out.stdout, out.stdout  # the garbage really is in Redis
-    b._forget()
+    b._core.cell.forget()
     from distbreaker import CircuitOpenError
 
     # it may start from whatever the garbage left (a repaired OPEN, say); it must trip
@@ -299,7 +299,7 @@ def test_recovery_keeps_a_forced_open_breaker_unavailable() -> None:
 def test_sentinel_deployments_do_not_share_a_guard() -> None:
     from redis.sentinel import Sentinel
 
-    from distbreaker._failsafe import guard_for
+    from distbreaker._guard import guard_for
 
     one = Sentinel([("127.0.0.1", 26001)]).master_for("mymaster")
     two = Sentinel([("127.0.0.1", 26002)]).master_for("mymaster")

@@ -494,13 +494,13 @@ async def test_async_transport_with_a_sync_manager_keeps_redis_off_the_loop(
     ran_on: list[int] = []
     for p in hosts.values():
         br = manager.get_breaker(p)
-        orig = br._run
+        orig = br._engine.run
 
         def spy(call: Any, _orig: Any = orig) -> Any:
             ran_on.append(threading.get_ident())
             return _orig(call)
 
-        br._run = spy  # type: ignore[method-assign]
+        br._engine.run = spy  # type: ignore[method-assign]
     async with httpx.AsyncClient(transport=transport) as c:
         assert (await c.get(upstream.url("127.0.0.1"))).status_code == 200
         upstream.mode = "503"
@@ -530,19 +530,19 @@ async def test_cancelled_threaded_admission_gives_the_probe_back(
         assert (await c.get("/")).status_code == 503
         upstream.mode = "ok"
         await asyncio.sleep(0.3)
-        orig = b._admit
+        orig = b._engine.admit
 
         def slow_admit() -> Permit:
             time.sleep(0.3)  # the probe lease is taken after the request was cancelled
             return orig()
 
-        b._admit = slow_admit  # type: ignore[method-assign]
+        b._engine.admit = slow_admit  # type: ignore[method-assign]
         task = asyncio.create_task(c.get("/"))
         await asyncio.sleep(0.1)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        b._admit = orig  # type: ignore[method-assign]
+        b._engine.admit = orig  # type: ignore[method-assign]
         await asyncio.sleep(0.5)
         m = b.get_metrics()
         assert m.fleet is not None and m.fleet.active_probes == 0  # not held for 30 s

@@ -97,4 +97,4 @@ def test_one_message_per_transition() -> None:
     msgs = []
     for _ in range(6):
         msgs += m.record(C, FP, "n", 0.5, 0, [(m.gen, 1, "", 0)])[1]
-    assert msgs == ["v1 t closed open 1 10000 0 - n"]
+    assert msgs == ["v1 t closed open 1 10000 0 - - - n"]

@@ -1,7 +1,7 @@
-"""Real multi-process tests: fresh worker processes (tests/mp_worker.py) share one breaker
+"""Real multi-process tests: fresh worker processes (tests/support/mp_worker.py) share one breaker
 through a real redis-server.
 
-Workers start with `subprocess.Popen([sys.executable, "tests/mp_worker.py", spec])`, build
+Workers start with `subprocess.Popen([sys.executable, "tests/support/mp_worker.py", spec])`, build
 their breaker, RPUSH themselves on `<ns>:ready` and block on BLPOP `<ns>:go` until the test
 LPUSHes one item per worker, so they all start at the same moment. Every backend execution
 is an INCR on `<ns>:exec`, so counts are exact; times compared across processes are Redis
@@ -36,7 +36,7 @@ from redis_server import RedisServer
 
 pytestmark = pytest.mark.multiprocess
 
-WORKER = Path(__file__).with_name("mp_worker.py")
+WORKER = Path(__file__).parent / "support" / "mp_worker.py"
 CHANNEL = "distbreaker:v1:events"
 
 # Commands the Lua scripts issue themselves; INFO commandstats counts those too, so the

@@ -26,7 +26,7 @@ from distbreaker import (
     RedisMisconfiguredError,
     StoreUnavailableError,
 )
-from distbreaker._failsafe import StoreGuard, classify
+from distbreaker._guard import StoreGuard, classify
 from distbreaker._snapshot import UNKNOWN, LocalSnapshot, SnapshotCell
 from distbreaker.events import StoreEvent, TransitionEvent
 
@@ -124,10 +124,10 @@ class Member:
         self.lost = 0
         self.back = 0
 
-    def _store_lost(self) -> None:
+    def store_lost(self) -> None:
         self.lost += 1
 
-    def _store_recovered(self) -> None:
+    def store_recovered(self) -> None:
         self.back += 1
 
 
@@ -163,6 +163,29 @@ def test_guard_a_lost_reply_is_not_silence() -> None:
     time.sleep(0.15)
     g.silent(time.monotonic() - 0.12, failover_after=0.1)  # nothing answered since: silence
     assert g.degraded
+
+
+def test_guard_an_answer_to_an_older_request_ends_no_outage() -> None:
+    """The listener may read its subscribe confirmation long after Redis sent it (a
+    busy host): that proves Redis answered after the SUBSCRIBE was sent, not now. Read
+    after a failover, it must not end the outage (the CI run that found it failed over
+    twice in one 1.2 s pause)."""
+    g, m = StoreGuard("test"), Member()
+    g.add(m)
+    asked = time.monotonic()
+    time.sleep(0.01)
+    g.silent(asked + 0.005, failover_after=0.0)
+    assert g.degraded and m.lost == 1
+    g.success(asked)  # sent before the silence began
+    assert g.degraded and m.back == 0
+    g.success(time.monotonic())  # a subscription made during the outage
+    assert not g.degraded and m.back == 1
+    t = time.monotonic()
+    g.silent(t, failover_after=10.0)  # silent, not failed over yet
+    g.answered(t - 1.0)
+    assert g.silent_since == t  # an older answer does not clear the silence
+    g.answered()
+    assert g.silent_since is None
 
 
 def test_guard_logs_one_outage_with_its_blips(caplog: pytest.LogCaptureFixture) -> None:
@@ -623,13 +646,13 @@ def test_cell_a_late_reply_gets_no_staleness_escape() -> None:
 def _fork_child(url: str, name: str, trip: bool, q: Any) -> None:
     b = _FORKED[0]
     hooks: list[Any] = []
-    b._on_state_change = lambda *a: hooks.append(a)
+    b._core.announcer.hook = lambda *a: hooks.append(a)
     time.sleep(0.5)  # both children listening
     if trip:
         with pytest.raises(RuntimeError):
             b.call(_boom)
     time.sleep(1.0)
-    q.put((trip, len(hooks), b._origin))
+    q.put((trip, len(hooks), b._core.calls.origin))
 
 
 _FORKED: list[Any] = []
@@ -651,9 +674,38 @@ def test_after_a_fork_only_the_child_that_tripped_fires_on_state_change(
     for p in procs:
         p.join(10)
     assert sorted((t, n) for t, n, _ in results) == [(False, 0), (True, 1)], results
-    assert len({o for _, _, o in results} | {_FORKED[0]._origin}) == 3  # fresh origins
+    assert len({o for _, _, o in results} | {_FORKED[0]._core.calls.origin}) == 3  # fresh origins
     _FORKED[0].close()
     _FORKED.clear()
+
+
+def test_a_reply_to_a_request_sent_before_a_failover_does_not_end_it(
+        server: RedisServer) -> None:
+    """A reply read after the guard failed over (it waited in the socket while the reading
+    thread was descheduled, or a PAUSE held everything after it) says nothing about now:
+    only a request sent during the outage may end it. CI saw a listener's re-read, read
+    late, end an outage the moment it began."""
+    b = CircuitBreaker("before", CircuitBreakerConfig(max_staleness=60), redis=server.client())
+    b.call(lambda: 1)
+    g = b._core.fallback.guard
+    assert g is not None
+    inner = b._store.run
+
+    def run(call: Any, *a: Any, **kw: Any) -> Any:
+        raw = inner(call, *a, **kw)
+        g.failure(redis.ConnectionError("Connection refused"))  # news while this waited
+        return raw
+
+    b._store.run = run  # type: ignore[method-assign]
+    b.refresh()
+    assert b.store_degraded  # the late-read reply did not end the outage
+    b._store.run = inner  # type: ignore[method-assign]
+    deadline = time.monotonic() + 5
+    while b.store_degraded and time.monotonic() < deadline:
+        b.call(lambda: 1)  # a trial, sent during the outage: its answer ends it
+        time.sleep(0.02)
+    assert not b.store_degraded
+    b.close()
 
 
 def test_a_recovery_between_the_guard_and_the_fallback_keeps_no_fallback(
@@ -661,16 +713,22 @@ def test_a_recovery_between_the_guard_and_the_fallback_keeps_no_fallback(
     b = CircuitBreaker("race", CircuitBreakerConfig(max_staleness=60, on_redis_error="deny"),
                        redis=server.client())
     b.call(lambda: 1)
-    g = b._guard
+    # the listener's subscription and first re-read answer too: let them land first
+    r = server.client()
+    deadline = time.monotonic() + 10
+    while r.pubsub_numsub(b.channel)[0][1] < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    g = b._core.fallback.guard
     assert g is not None
     g.failure(redis.ConnectionError("Connection refused"))
-    assert b.store_degraded and b._local is not None
+    assert b.store_degraded and b._core.fallback.local is not None
     g.answered()  # another thread's reply: Redis is back
-    assert b._local is None
-    b._fallback_run(b._call("snapshot"))  # a caller that decided a moment before
-    assert b._local is None  # answered once, kept nowhere
-    b._store_lost()  # a late notice of the outage that ended
-    assert b.is_available() and b._local is None
+    assert b._core.fallback.local is None
+    b._core.fallback.run(b._core.calls.build("snapshot"))  # a caller that decided a moment before
+    assert b._core.fallback.local is None  # answered once, kept nowhere
+    b._core.fallback.store_lost()  # a late notice of the outage that ended
+    assert b.is_available() and b._core.fallback.local is None
     b.close()
 
 
@@ -702,7 +760,14 @@ async def test_a_reply_lost_after_the_script_ran_is_lost_not_counted_twice(
             b.call(lambda: 1)  # released at redis_timeout; the request goes on
         else:
             await b.call(one)
-        await asyncio.sleep(0.22)  # it ran in Redis; its reply is on the way back
+        # it ran in Redis (seen directly, not through the proxy); its reply is on the way
+        # back for 0.15 s more (a fixed sleep here once dropped it before it arrived)
+        direct = server.client()
+        window = b._core.keys.window
+        deadline = time.monotonic() + 5.0
+        while direct.hget(window, "c") != b"2":
+            assert time.monotonic() < deadline, direct.hgetall(window)
+            await asyncio.sleep(0.005)
         proxy.drop_all()
         await asyncio.sleep(0.3)
         proxy.set_latency(0)

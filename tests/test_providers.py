@@ -164,7 +164,9 @@ async def test_sync_manager_async_fallback() -> None:
 
 @pytest.fixture
 def fresh_global(monkeypatch: pytest.MonkeyPatch) -> Any:
-    monkeypatch.setattr(providers_mod, "_GLOBAL", {"manager": None, "pid": None})
+    from distbreaker._process import PROCESS
+
+    monkeypatch.setattr(PROCESS, "manager", None)
     monkeypatch.delenv("DISTBREAKER_REDIS_URL", raising=False)
     return providers_mod
 
@@ -221,3 +223,33 @@ def test_decorator_sync_and_async(fresh_global: Any) -> None:
 def test_every_public_name_imports() -> None:
     for name in distbreaker.__all__:
         assert getattr(distbreaker, name) is not None
+
+
+def test_a_forked_child_gets_its_own_global_manager(fresh_global: Any, redis_server: Any
+                                                   ) -> None:
+    """The parent's manager (its listener thread, its connections) does not work in a
+    forked child: the child's first get_circuit_breaker_manager() builds its own."""
+    import os
+
+    parent = configure(url=redis_server.url)
+    parent_breaker = parent.get_breaker("openai")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, never return into pytest
+        code = 1
+        try:
+            os.environ["DISTBREAKER_REDIS_URL"] = redis_server.url
+            child = get_circuit_breaker_manager()
+            ok = child is not parent and child is get_circuit_breaker_manager()
+            ok = ok and child.get_breaker("openai").call(lambda: 7) == 7
+            code = 0 if ok else 3
+        finally:
+            os.write(w, bytes([code]))
+            os._exit(code)
+    os.close(w)
+    got = os.read(r, 1)
+    os.waitpid(pid, 0)
+    assert got == b"\x00"
+    assert get_circuit_breaker_manager() is parent  # the parent's is untouched
+    assert parent_breaker.call(lambda: 1) == 1
+    parent.close()

@@ -19,9 +19,9 @@ import redis
 
 from distbreaker import CircuitBreaker, CircuitBreakerConfig
 from distbreaker._keys import BreakerKeys, channel_for
-from distbreaker._ops import Code, ScriptCall, build_call, decode_reply
-from distbreaker._scripts import OPS, _lua_dir, function_name, script_source
+from distbreaker._protocol import Code, ScriptCall, build_call, decode_reply
 from distbreaker.stores import MemoryStore, RedisStore
+from distbreaker.stores._scripts import OPS, _lua_dir, function_name, script_source
 
 from redis_server import RedisServer
 

@@ -309,3 +309,35 @@ async def test_a_lambda_around_a_coroutine_holds_no_probe_until_awaited(
     never.close()  # type: ignore[attr-defined]
     assert await b.call(lambda: ok()) == 1  # the probe is still there to take
     b.close()
+
+
+def test_coroutine_functions_are_told_apart_in_every_shape() -> None:
+    """`call()` awaits what returns a coroutine; the check runs on every call, so it has a
+    fast path for plain functions and methods that must agree with inspect's answer."""
+    import inspect
+
+    from distbreaker.breaker import _is_coroutine_fn
+
+    async def coro() -> None: ...
+
+    def plain() -> None: ...
+
+    class Obj:
+        async def am(self) -> None: ...
+
+        def sm(self) -> None: ...
+
+        async def __call__(self) -> None: ...
+
+    class SyncObj:
+        def __call__(self) -> None: ...
+
+    yes = [coro, Obj().am, Obj(), functools.partial(coro), functools.partial(Obj().am)]
+    no = [plain, Obj().sm, SyncObj(), functools.partial(plain), lambda: 1, int, len, Obj]
+    mark = getattr(inspect, "markcoroutinefunction", None)  # Python 3.12+
+    if mark is not None:
+        def marked() -> Any: ...
+
+        yes.append(mark(marked))
+    assert [_is_coroutine_fn(f) for f in yes] == [True] * len(yes)
+    assert [_is_coroutine_fn(f) for f in no] == [False] * len(no)

@@ -60,7 +60,7 @@ async def hang() -> str:
 
 def config(**kw: Any) -> CircuitBreakerConfig:
     base = dict(failure_threshold=3, recovery_timeout=0.2, success_threshold=2,
-                timeout_duration=0.1)
+                timeout_duration=0.1, redis_timeout=2.0)  # semantics, not deadlines
     base.update(kw)
     return CircuitBreakerConfig(**base)
 
@@ -337,16 +337,29 @@ class TestGlobalFunctions:
 # -- TestPerformanceRequirements (as counts: timings belong in benchmarks/) -------------
 
 
+def commands(r: redis.Redis) -> int:
+    return int(r.info("stats")["total_commands_processed"])
+
+
+def one_refresh_in_commands(b: BaseCircuitBreaker, r: redis.Redis) -> int:
+    """What one INFO plus one snapshot read cost in Redis commands (a script's inner
+    commands count too): the listener re-reads every snapshot once after it subscribes,
+    which may fall inside a measurement. Measured, since it is the script's business."""
+    before = commands(r)
+    b.refresh()
+    return commands(r) - before
+
+
 class TestPerformanceRequirements:
     async def test_availability_check_touches_no_store(self, redis_client: redis.Redis
                                                        ) -> None:
         b = BaseCircuitBreaker("perf-avail", config(), redis=redis_client)
         await b.call(ok)
-        before = int(redis_client.info("stats")["total_commands_processed"])
+        allowance = one_refresh_in_commands(b, redis_client)
+        before = commands(redis_client)
         for _ in range(10_000):
             assert b.is_available()
-        after = int(redis_client.info("stats")["total_commands_processed"])
-        assert after - before <= 2  # INFO itself; the listener may refresh once
+        assert commands(redis_client) - before <= allowance
         b.close()
 
     async def test_rejections_while_open_touch_no_store(self, redis_client: redis.Redis
@@ -355,12 +368,12 @@ class TestPerformanceRequirements:
         for _ in range(3):
             with pytest.raises(VendorError):
                 await b.call(bad)
-        before = int(redis_client.info("stats")["total_commands_processed"])
+        allowance = one_refresh_in_commands(b, redis_client)
+        before = commands(redis_client)
         for _ in range(1000):
             with pytest.raises(CircuitOpenError):
                 await b.call(ok)
-        after = int(redis_client.info("stats")["total_commands_processed"])
-        assert after - before <= 2
+        assert commands(redis_client) - before <= allowance
         b.close()
 
 

@@ -1,5 +1,5 @@
 """Breakers over Redis Sentinel: a primary, one replica and three sentinels (quorum 2),
-started by tests/redis_topology.py.
+started by tests/support/redis_topology.py.
 
 The breakers get ``Sentinel([...]).master_for("mymaster")`` clients. The failover tests run
 worker processes that call a guarded function about 200 times a second while the primary
@@ -28,6 +28,9 @@ import redis
 from redis.sentinel import Sentinel
 
 from distbreaker import CircuitBreaker, CircuitBreakerConfig, CircuitOpenError, CircuitState
+
+if __name__ == "__main__":  # run as a worker process: its helpers are in tests/support
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 
 from redis_topology import SentinelTopology, Worker, pids_alive, stdin_closed_event
 

@@ -48,7 +48,7 @@ from hypothesis.stateful import (
 from distbreaker import CircuitBreakerConfig
 from distbreaker._keys import BreakerKeys
 from distbreaker._model import ModelConfig
-from distbreaker._ops import ScriptCall, build_call, decode_push
+from distbreaker._protocol import ScriptCall, build_call, decode_push
 from distbreaker.stores import MemoryStore, RedisStore
 
 from redis_server import RedisServer
@@ -98,9 +98,10 @@ def _waits(cfg: CircuitBreakerConfig) -> st.SearchStrategy[int | tuple[str, int]
     in the state, where `<` and `<=` differ: the open period ends, a probe lease expires,
     the time window rolls over to a new bucket."""
     m = ModelConfig.parse(cfg.script_arg)
-    periods = [m.rt, m.maxrt, m.lease] + ([] if m.count else [m.bw, m.bw * m.wn])
+    periods = [m.recovery_ms, m.max_recovery_ms, m.lease_ms] + (
+        [] if m.count_window else [m.bucket_ms, m.bucket_ms * m.window_n])
     edges = sorted({max(0, p + d) for p in periods for d in (-1, 0, 1)} | {0, 1})
-    deadlines = ["open_until", "lease"] + ([] if m.count else ["bucket"])
+    deadlines = ["open_until", "lease"] + ([] if m.count_window else ["bucket"])
     return st.one_of(
         st.sampled_from(edges),
         st.integers(0, 2 * max(periods)),
@@ -201,9 +202,9 @@ class LuaVsModel(RuleBasedStateMachine):
         c, f, s = r[9], r[10], r[11]
         if (c, f, s) != (-1, -1, -1):
             assert 0 <= f <= c and 0 <= s <= c, f"bad window totals {c} {f} {s}: {r}"
-            if self.mcfg.count:
-                assert c <= self.mcfg.wn, r
-        assert r[8] <= self.mcfg.homax, f"probes_free above half_open_max_calls: {r}"
+            if self.mcfg.count_window:
+                assert c <= self.mcfg.window_n, r
+        assert r[8] <= self.mcfg.half_open_max, f"probes_free above half_open_max_calls: {r}"
         assert r[12] >= 0, r
 
     def _advance(self, wait: int | tuple[str, int]) -> None:
@@ -216,7 +217,7 @@ class LuaVsModel(RuleBasedStateMachine):
         elif deadline == "lease":
             target = min((t for t in self.held.values() if t > self.now), default=0)
         else:
-            target = (self.now // self.mcfg.bw + 1) * self.mcfg.bw
+            target = (self.now // self.mcfg.bucket_ms + 1) * self.mcfg.bucket_ms
         self.now = max(self.now, target + delta)
 
     # -- rules ----------------------------------------------------------------------------
@@ -230,9 +231,9 @@ class LuaVsModel(RuleBasedStateMachine):
         lease = f"l{next(self.lease_ids)}"  # fresh for every admission
         r = self._run("acquire", rnd, [lease])
         if r[0] == 2:
-            assert r[1] == "half_open" and r[2] == "" and 0 <= r[8] < self.mcfg.homax, r
+            assert r[1] == "half_open" and r[2] == "" and 0 <= r[8] < self.mcfg.half_open_max, r
             self.granted.append(lease)
-            self.held[lease] = self.now + self.mcfg.lease
+            self.held[lease] = self.now + self.mcfg.lease_ms
         elif r[0] == 1:
             assert r[2] == "closed" or (r[2] == "" and r[1] == "closed"), r
         else:
@@ -284,11 +285,11 @@ class LuaVsModel(RuleBasedStateMachine):
         r = self._run("snapshot")
         assert r[0] == 1 or r[3] == 0, r
         active = r[19]
-        assert 0 <= active <= self.mcfg.homax, f"{active} active probes: {r}"
+        assert 0 <= active <= self.mcfg.half_open_max, f"{active} active probes: {r}"
         if r[1] == "half_open":
-            assert r[8] == self.mcfg.homax - active, r
+            assert r[8] == self.mcfg.half_open_max - active, r
         assert r[15] >= 0 and r[14] >= 0, r
-        assert r[14] < self.mcfg.st or r[1] != "half_open", r
+        assert r[14] < self.mcfg.success_threshold or r[1] != "half_open", r
 
 
 def _machine(name: str, client: redis.Redis) -> type[LuaVsModel]:

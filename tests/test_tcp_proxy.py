@@ -1,4 +1,4 @@
-"""The fault-test TCP proxy (tests/tcp_proxy.py), against a real private redis-server."""
+"""The fault-test TCP proxy (tests/support/tcp_proxy.py), against a real private redis-server."""
 
 from __future__ import annotations
 
@@ -219,7 +219,7 @@ def test_upstream_down_resets_the_client() -> None:
 
 def test_script_mode_takes_commands_on_stdin(server: RedisServer) -> None:
     proc = subprocess.Popen(
-        [sys.executable, str(Path(__file__).with_name("tcp_proxy.py")), str(server.port)],
+        [sys.executable, str(Path(__file__).parent / "support" / "tcp_proxy.py"), str(server.port)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert proc.stdin is not None and proc.stdout is not None
     try:

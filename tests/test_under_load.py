@@ -3,7 +3,7 @@
 Every test starts its own private redis-servers on free ports: the breaker's Redis, which
 the test disturbs (CLIENT PAUSE, CLIENT KILL, FLUSHALL, garbage, SIGSTOP), and a control
 Redis for start barriers and switches, which nothing disturbs. Workers are fresh
-processes (tests/load_worker.py) that print their result as one JSON line on stdout.
+processes (tests/support/load_worker.py) that print their result as one JSON line on stdout.
 Times compared across processes are `time.monotonic()` (one clock for the machine).
 
 A failover is Redis being given up for the local fallback. It is counted three ways in
@@ -16,7 +16,7 @@ set one each. The acceptance runs use 20 s (pauses) and 30 s (CPU hogs).
 
 The outage checks of the first fault work (Redis SIGKILLed, or paused with CLIENT PAUSE,
 for 2-3 s under load) are tests/test_faults.py::test_workers_ride_out_a_redis_outage; the
-SIGSTOP variant below runs its worker (tests/fault_worker.py) with the same checks.
+SIGSTOP variant below runs its worker (tests/support/fault_worker.py) with the same checks.
 """
 
 from __future__ import annotations
@@ -40,14 +40,15 @@ import redis
 
 from distbreaker import CircuitBreaker, CircuitBreakerConfig
 from distbreaker._keys import BreakerKeys, channel_for
+from distbreaker._protocol import decode_push
 from distbreaker.events import TransitionEvent
 
 from redis_server import RedisServer
 
 pytestmark = pytest.mark.multiprocess
 
-WORKER = Path(__file__).with_name("load_worker.py")
-FAULT_WORKER = Path(__file__).with_name("fault_worker.py")
+WORKER = Path(__file__).parent / "support" / "load_worker.py"
+FAULT_WORKER = Path(__file__).parent / "support" / "fault_worker.py"
 CHANNEL = channel_for("distbreaker")
 
 
@@ -344,16 +345,13 @@ class Subscriber:
             msg = self.ps.get_message(timeout=0.2)
             if msg is None or msg["type"] != "message":
                 continue
-            # "v1 <ev> <from> <to> <gen> <until> <now> <forced|-> [<origin>] <name>"
-            parts = msg["data"].decode().split(" ")
-            if len(parts) == 9:
-                parts.insert(8, "")
-            if len(parts) != 10 or parts[0] != "v1" or parts[9] != self.name:
+            p = decode_push(msg["data"])
+            if p is None or p.name != self.name:
                 continue
             with self.lock:
-                self.all.append({"ev": parts[1], "from": parts[2], "to": parts[3],
-                                 "gen": int(parts[4]), "now": int(parts[6]),
-                                 "forced": parts[7]})
+                self.all.append({"ev": p.event, "from": p.from_state.value,
+                                 "to": p.to_state.value, "gen": p.generation,
+                                 "now": p.now_ms, "forced": p.forced or "-"})
 
     def transitions(self) -> list[dict[str, Any]]:
         with self.lock:

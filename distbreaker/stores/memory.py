@@ -8,13 +8,14 @@ the store's lock is released.
 from __future__ import annotations
 
 import functools
+import itertools
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from .._model import BreakerModel, ModelConfig
-from .._ops import ScriptCall, record_outcomes
+from .._protocol import ScriptCall, record_outcomes
 
 __all__ = ["AsyncMemoryStore", "MemoryStore"]
 
@@ -29,6 +30,7 @@ class MemoryStore:
     def __init__(self, clock_ms: Callable[[], int] | None = None) -> None:
         self._lock = threading.Lock()
         self._models: dict[str, BreakerModel] = {}
+        self._seqs: dict[str, itertools.count[int]] = {}  # by KEYS[4], as Lua's seq hash
         self._subs: dict[str, list[Subscriber]] = {}
         self._clock = clock_ms or (lambda: int(time.monotonic() * 1000))
 
@@ -38,7 +40,11 @@ class MemoryStore:
         rnd = float(a[4])
         with self._lock:
             now = int(a[5]) if a[5] != "" else self._clock()
-            m = self._models.setdefault(call.keys[0], BreakerModel())
+            m = self._models.get(call.keys[0])
+            if m is None:
+                m = self._models[call.keys[0]] = BreakerModel()
+            if len(call.keys) > 3 and m.seq is None:
+                m.seq = self._seq(call.keys[3])
             msgs: list[str] = []
             cfg = _parse(cfg_s)
             if call.op == "acquire":
@@ -60,6 +66,18 @@ class MemoryStore:
                 cb(msg)
         return reply
 
+    def _seq(self, key: str) -> Callable[[], int]:
+        c = self._seqs.get(key)
+        if c is None:
+            c = self._seqs[key] = itertools.count(1)
+        return c.__next__
+
+    def seed(self, key: str, model: BreakerModel) -> None:
+        """Start the breaker whose state key is `key` from `model` (a fallback seeded
+        from the last shared snapshot)."""
+        with self._lock:
+            self._models[key] = model
+
     def subscribe(self, channel: str, callback: Subscriber) -> None:
         with self._lock:
             self._subs.setdefault(channel, []).append(callback)
@@ -69,7 +87,6 @@ class MemoryStore:
             subs = self._subs.get(channel, [])
             if callback in subs:
                 subs.remove(callback)
-
 
 
 class AsyncMemoryStore:

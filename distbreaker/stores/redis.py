@@ -21,6 +21,7 @@ import functools
 import hashlib
 import inspect
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
@@ -28,14 +29,15 @@ from typing import Any
 import redis
 import redis.asyncio
 
-from .._failsafe import InFlight, background, deliver
-from .._failsafe import mark_sent as _mark
-from .._ops import ScriptCall
-from .._scripts import OPS, ScriptSet, function_library, function_name, script_source
+from .._clients import InFlight, background, deliver
+from .._clients import mark_sent as _mark
+from .._process import PROCESS
+from .._protocol import ScriptCall
+from ._scripts import OPS, ScriptSet, function_library, function_name, script_source
 
 __all__ = ["AsyncRedisStore", "RedisStore"]
 
-_HEAD_CACHE_MAX = 4096
+_HEAD_CACHE_MAX = 65536  # breakers on one client
 _LEGACY_GET_CONNECTION = tuple(int(x) for x in redis.__version__.split(".")[:2]) < (5, 3)
 
 
@@ -57,13 +59,18 @@ def _enc(a: str | int | float | bytes) -> bytes:
 
 
 class _Packer:
-    """Encodes script calls as FCALL (or, after `use_scripts`, EVALSHA); the constant
-    head of each (operation, breaker) is cached."""
+    """Encodes script calls as FCALL (or, after `use_scripts`, EVALSHA). What every call of
+    one breaker repeats (its keys and first four arguments) is encoded once and cached,
+    one entry per breaker whatever the operation; the operation's own part is shared."""
 
     def __init__(self) -> None:
-        self._targets = {op: (b"FCALL", function_name(op).encode()) for op in OPS}
+        self._targets = self._encode({op: (b"FCALL", function_name(op).encode()) for op in OPS})
         self._heads: dict[tuple[Any, ...], bytes] = {}
         self.functions = True
+
+    @staticmethod
+    def _encode(targets: dict[str, tuple[bytes, bytes]]) -> dict[str, bytes]:
+        return {op: b"".join(_bulk(p) for p in parts) for op, parts in targets.items()}
 
     def reload_for(self, e: Exception, op: str) -> tuple[str, ...] | None:
         """The command that loads what error reply `e` says is missing (first use on a
@@ -80,23 +87,37 @@ class _Packer:
         return None
 
     def use_scripts(self) -> None:
-        self._targets = {op: (b"EVALSHA", hashlib.sha1(script_source(op).encode())
-                              .hexdigest().encode()) for op in OPS}
-        self._heads = {}
+        self._targets = self._encode({op: (b"EVALSHA", hashlib.sha1(
+            script_source(op).encode()).hexdigest().encode()) for op in OPS})
         self.functions = False
 
     def pack(self, call: ScriptCall) -> bytes:
         a = call.args
         k = call.keys
-        key = (call.op, k[0], a[0], a[1], a[2], a[3])
+        key = (k[0], a[0], a[1], a[2], a[3])
         head = self._heads.get(key)
         if head is None:
             if len(self._heads) >= _HEAD_CACHE_MAX:
                 self._heads.clear()
-            parts = [*self._targets[call.op], b"%d" % len(k), *(x.encode() for x in k)]
-            head = b"".join(_bulk(p) for p in parts) + b"".join(_enc(x) for x in a[:4])
+            head = (_bulk(b"%d" % len(k)) + b"".join(_bulk(x.encode()) for x in k)
+                    + b"".join(_enc(x) for x in a[:4]))
             self._heads[key] = head
-        return b"*%d\r\n%s%s" % (3 + len(k) + len(a), head, b"".join(map(_enc, a[4:])))
+        return b"*%d\r\n%s%s%s" % (3 + len(k) + len(a), self._targets[call.op], head,
+                                   b"".join(map(_enc, a[4:])))
+
+
+_PACKERS: weakref.WeakKeyDictionary[Any, _Packer] = weakref.WeakKeyDictionary()
+
+
+def _packer_for(client: Any) -> _Packer:
+    """One packer per client, shared by every breaker's store on it: the command heads
+    are per breaker anyway, and what the server supports (Functions or scripts) is
+    learnt once for all of them."""
+    with PROCESS.lock:  # reset in a forked child, unlike a module-level lock
+        p = _PACKERS.get(client)
+        if p is None:
+            p = _PACKERS[client] = _Packer()
+        return p
 
 
 def _missing(e: Exception) -> str:
@@ -149,7 +170,8 @@ class RedisStore:
         self.deadline = deadline
         self._scripts = ScriptSet(client)
         self._slow_scripts = ScriptSet(self.slow) if self.slow is not client else self._scripts
-        self._packer = _Packer() if _raw_capable(client) and _raw_capable(self.slow) else None
+        self._packer = (_packer_for(client) if _raw_capable(client) and _raw_capable(self.slow)
+                        else None)
         self._inline = type(client).__module__.startswith("fakeredis")  # no network
 
     def run(self, call: ScriptCall, wait: float | None = None, done: Done | None = None,
@@ -215,6 +237,64 @@ class RedisStore:
                 _release(pool, conn)
         return raw
 
+    @property
+    def pipelines(self) -> bool:
+        """Whether `run_many` can send several calls in one round trip (a plain or
+        Sentinel-managed client; a Cluster client's calls go one at a time)."""
+        return self._packer is not None and not self._inline
+
+    def run_many(self, calls: list[ScriptCall]) -> list[Any]:
+        """Send `calls` in one pipeline on `self.slow` and read every reply: one round
+        trip for all. Each result is the call's reply, or the exception it met (marked
+        with whether it was sent, see `mark_sent`). Calls the server says are not loaded
+        (first use, a flush) are loaded and sent again, once, in a second pipeline."""
+        packer = self._packer
+        assert packer is not None, "run_many needs a pipelining store"
+        out = self._send_many([packer.pack(c) for c in calls])
+        again: list[int] = []
+        load: tuple[str, ...] | None = None
+        for i, r in enumerate(out):
+            if isinstance(r, redis.ResponseError):
+                want = packer.reload_for(r, calls[i].op)
+                if want is not None:
+                    again.append(i)
+                    load = load or want
+        if load is not None:
+            try:
+                self._load(self.slow, load, calls[again[0]].op)
+            except Exception as e:
+                _mark(e, False)
+                for i in again:
+                    out[i] = e
+                return out
+            for i, r in zip(again, self._send_many([packer.pack(calls[i]) for i in again]),
+                            strict=True):
+                out[i] = r
+        return out
+
+    def _send_many(self, payloads: list[bytes]) -> list[Any]:
+        pool = self.slow.connection_pool
+        try:
+            conn = _get(pool)
+        except Exception as e:
+            _mark(e, False)
+            return [e] * len(payloads)
+        out: list[Any] = []
+        try:
+            conn.send_packed_command(payloads)
+            for _ in payloads:
+                try:
+                    out.append(conn.read_response())
+                except redis.ResponseError as e:  # one call's error reply, read in full
+                    out.append(e)
+        except Exception as e:
+            conn.disconnect()  # replies may still be unread: never reuse this connection
+            _mark(e, True)  # some were written, perhaps all: none is sent again
+            out.extend([e] * (len(payloads) - len(out)))
+        finally:
+            _release(pool, conn)
+        return out
+
     def alive(self, timeout: float) -> bool:
         """Does Redis answer a PING within `timeout` on another connection? A request
         stuck on one connection (blackholed, say) is not an outage if it does."""
@@ -260,6 +340,7 @@ class RedisStore:
         _release(pool, conn)
         return raw
 
+    # --- generated by .ci/unasync.py from AsyncRedisStore._load: do not edit ---
     def _load(self, client: Any, load: tuple[str, ...], op: str) -> None:
         """Load what a reply said is missing; a server that refuses FUNCTION LOAD gets
         the script instead (the packer switches to EVALSHA)."""
@@ -271,12 +352,15 @@ class RedisStore:
             if again is None:
                 raise
             client.execute_command(*again)
+    # --- end generated ---
 
+    # --- generated by .ci/unasync.py from AsyncRedisStore.run_blocking: do not edit ---
     def run_blocking(self, call: ScriptCall) -> Any:
-        """Run a call on the slow client: waits up to its timeouts."""
+        """Run a call on `self.slow`: waits up to its timeouts."""
         packer = self._packer
         if packer is None:
-            return self._slow_scripts[call.op](keys=call.keys, args=call.args)
+            scripts = self._slow_scripts
+            return scripts[call.op](keys=call.keys[:scripts.nkeys], args=call.args)
         try:
             return self._send(packer.pack(call))
         except redis.ResponseError as e:
@@ -285,7 +369,9 @@ class RedisStore:
                 raise
         self._load(self.slow, load, call.op)
         return self._send(packer.pack(call))
+    # --- end generated ---
 
+    # --- generated by .ci/unasync.py from AsyncRedisStore._send: do not edit ---
     def _send(self, payload: bytes) -> Any:
         pool = self.slow.connection_pool
         try:
@@ -306,6 +392,7 @@ class RedisStore:
             raise
         finally:
             _release(pool, conn)
+    # --- end generated ---
 
 
 def _get(pool: Any) -> Any:
@@ -347,7 +434,7 @@ class AsyncRedisStore:
     def __init__(self, client: Any) -> None:
         self.client = client
         self._scripts = ScriptSet(client)
-        self._packer = _Packer() if _raw_capable(client) else None
+        self._packer = _packer_for(client) if _raw_capable(client) else None
 
     async def run(self, call: ScriptCall) -> Any:
         return await self.run_blocking(call)
@@ -359,36 +446,39 @@ class AsyncRedisStore:
         except Exception:
             return False
 
+    async def _load(self, client: Any, load: tuple[str, ...], op: str) -> None:
+        """Load what a reply said is missing; a server that refuses FUNCTION LOAD gets
+        the script instead (the packer switches to EVALSHA)."""
+        assert self._packer is not None
+        try:
+            await client.execute_command(*load)
+        except redis.ResponseError as e:
+            again = self._packer.reload_for(e, op)
+            if again is None:
+                raise
+            await client.execute_command(*again)
+
+    # unasync: rename self.client -> self.slow; self._scripts -> self._slow_scripts
     async def run_blocking(self, call: ScriptCall) -> Any:
+        """Run a call on `self.client`: waits up to its timeouts."""
         packer = self._packer
         if packer is None:
-            return await self._scripts[call.op](keys=call.keys, args=call.args)
+            scripts = self._scripts
+            return await scripts[call.op](keys=call.keys[:scripts.nkeys], args=call.args)
         try:
             return await self._send(packer.pack(call))
         except redis.ResponseError as e:
             load = packer.reload_for(e, call.op)
             if load is None:
                 raise
-        try:
-            await self.client.execute_command(*load)
-        except redis.ResponseError as e:  # FUNCTION LOAD refused: scripts, then
-            load = packer.reload_for(e, call.op)
-            if load is None:
-                raise
-            await self.client.execute_command(*load)
+        await self._load(self.client, load, call.op)
         return await self._send(packer.pack(call))
 
+    # unasync: rename self.client -> self.slow
     async def _send(self, payload: bytes) -> Any:
         pool = self.client.connection_pool
         try:
-            conn = await (pool.get_connection("EVALSHA") if _LEGACY_GET_CONNECTION else
-                          pool.get_connection())
-            # redis.asyncio's pool can hand out a connection the server closed while it
-            # was idle (a restart, CLIENT KILL, an idle timeout): reconnect before sending,
-            # never resend after (the command may have run).
-            if _dead(conn):
-                await conn.disconnect()
-                await conn.connect()
+            conn = await _aget(pool)
         except BaseException as e:
             _mark(e, False)
             raise
@@ -398,12 +488,28 @@ class AsyncRedisStore:
             sent = True
             return await conn.read_response()
         except redis.ResponseError:
-            raise
+            raise  # the connection is fine: an error reply was read in full
         except BaseException as e:
-            _mark(e, sent)
-            await conn.disconnect()
+            _mark(e, sent)  # unasync: async-only
+            await conn.disconnect()  # the reply may still be unread: never reuse this connection
+            # unasync: sync: _mark(e, sent)
             raise
         finally:
+            # unasync: async-only begin
             released = pool.release(conn)
             if inspect.isawaitable(released):
                 await released
+            # unasync: async-only end
+            # unasync: sync: _release(pool, conn)
+
+
+async def _aget(pool: Any) -> Any:
+    """`_get` for a redis.asyncio pool, which can hand out a connection the server closed
+    while it was idle (a restart, CLIENT KILL, an idle timeout): reconnect before sending,
+    never resend after (the command may have run)."""
+    conn = await (pool.get_connection("EVALSHA") if _LEGACY_GET_CONNECTION else
+                  pool.get_connection())
+    if _dead(conn):
+        await conn.disconnect()
+        await conn.connect()
+    return conn

@@ -1,6 +1,6 @@
 """A worker for the fault tests: calls a guarded function at a steady rate and reports.
 
-Usage: python tests/fault_worker.py '<json spec>'. It waits on BLPOP <ns>:go (through a
+Usage: python tests/support/fault_worker.py '<json spec>'. It waits on BLPOP <ns>:go (through a
 connection with a long timeout) for the start time, then calls `breaker.call(backend)`
 every 1/rate s until start + duration. The backend fails while `fail_window` (seconds
 after start) holds. Printed at the end, one JSON line: every exception that was not

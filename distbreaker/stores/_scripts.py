@@ -18,6 +18,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .._clients import is_cluster
+
 __all__ = ["OPS", "ScriptSet", "function_library", "function_name", "script_source"]
 
 OPS = ("acquire", "record", "snapshot", "force", "reset")
@@ -28,7 +30,7 @@ def _lua_dir() -> Any:
     if packaged.is_dir():
         return packaged
     # Source checkout / editable install: the top-level lua/ folder.
-    return Path(__file__).resolve().parent.parent / "lua"
+    return Path(__file__).resolve().parents[2] / "lua"
 
 
 _EVAL_TAIL = "return run(main, KEYS_IN, ARGV_IN)"
@@ -75,12 +77,21 @@ def function_library() -> str:
 
 
 class ScriptSet:
-    """One registered Script object per operation for one client (sync or asyncio)."""
+    """A registered Script object per operation for one client (sync or asyncio), made on
+    first use: most stores send pre-encoded commands and never need one."""
 
-    __slots__ = ("_scripts",)
+    __slots__ = ("_client", "_scripts", "nkeys")
 
     def __init__(self, client: Any) -> None:
-        self._scripts = {op: client.register_script(script_source(op)) for op in OPS}
+        self._client = client
+        self._scripts: dict[str, Any] = {}
+        # a Cluster client sends a breaker's own keys only: the sequence hash is elsewhere
+        self.nkeys = 3 if is_cluster(client) else 4
 
     def __getitem__(self, op: str) -> Any:
-        return self._scripts[op]
+        s = self._scripts.get(op)
+        if s is None:
+            if op not in OPS:
+                raise KeyError(op)
+            s = self._scripts[op] = self._client.register_script(script_source(op))
+        return s

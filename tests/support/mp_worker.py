@@ -1,6 +1,6 @@
 """One worker process of the multi-process tests (tests/test_multiprocess.py).
 
-Run as ``python tests/mp_worker.py '<json spec>'``. The spec says which Redis to use, the
+Run as ``python tests/support/mp_worker.py '<json spec>'``. The spec says which Redis to use, the
 breaker name and config, the scenario (``mode``) and its parameters. The worker:
 
 1. connects, builds its breaker (unless the mode builds it after the barrier), and

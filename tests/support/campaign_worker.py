@@ -1,6 +1,6 @@
 """A worker of the fault campaign (tests/test_campaign.py).
 
-Usage: python tests/campaign_worker.py '<json spec>'. The spec names the worker (`id`), its
+Usage: python tests/support/campaign_worker.py '<json spec>'. The spec names the worker (`id`), its
 kind (`sync` or `async`), the breaker's Redis URL (the campaign's proxy), the control
 Redis URL (a second redis-server that no fault touches), the breaker name, the control
 namespace `ns`, the breaker config and the call rate.

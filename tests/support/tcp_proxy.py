@@ -10,7 +10,7 @@ Run as a script it serves one proxy in its own process (so the proxy's timing do
 depend on the GIL of the test process) and takes commands on stdin, one per line, each
 answered with a line "ok" once applied:
 
-    python tests/tcp_proxy.py TARGET_PORT [TARGET_HOST]
+    python tests/support/tcp_proxy.py TARGET_PORT [TARGET_HOST]
     -> "port <n>", then: latency <seconds> | blackhole 0|1 | drop | refuse 0|1 | stop
 """
 

@@ -1,6 +1,6 @@
 """One worker process of the load tests (tests/test_under_load.py).
 
-Run as ``python tests/load_worker.py '<json spec>'``. The spec names the breaker's Redis
+Run as ``python tests/support/load_worker.py '<json spec>'``. The spec names the breaker's Redis
 (``url``), a second, private Redis for control (``control_url``: barriers and switches,
 which no fault on the breaker's Redis can disturb), the breaker, its config, the scenario
 (``mode``) and its parameters. The worker:

@@ -1,0 +1,303 @@
+"""The I/O of an asyncio breaker: the twin of `_sync_engine.SyncEngine`.
+
+The same steps on the running event loop. A caller waits at most redis_timeout for its
+request, which is a task: cancelling the caller does not cancel the request, whose
+outcome is applied when it comes (a granted probe lease is given back). Batched
+outcomes are sent by a drain task on the loop instead of the writer thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import math
+import time
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ._batching import Batching
+from ._clients import STORE_ERRORS, deliver
+from ._core import BreakerCore
+from ._engine import CLOSE_FLUSH_TIMEOUT_S, Engine
+from ._fallback import BACKGROUND, CALLER, OPERATOR, WRITER
+from ._listener import AsyncHub, Hub
+from ._outcome import Permit
+from ._protocol import Reply, ScriptCall
+from .stores import AsyncMemoryStore, AsyncRedisStore
+
+__all__ = ["AsyncEngine"]
+
+_monotonic = time.monotonic
+_INF = math.inf
+log = logging.getLogger("distbreaker")
+
+
+class AsyncEngine(Engine):
+    """Runs one asyncio breaker's calls; see the module docstring."""
+
+    def __init__(self, core: BreakerCore, store: AsyncMemoryStore | AsyncRedisStore,
+                 hub_kind: type[Hub], backend: Any, client: Any) -> None:
+        super().__init__(core, store, hub_kind, backend, client)
+        self.store: AsyncMemoryStore | AsyncRedisStore = store
+        self.background: set[asyncio.Future[Any]] = set()
+        self.writer: AsyncWriter | None = None
+        if core.batching is not None:
+            self.writer = AsyncWriter(self, core.batching)
+            core.wake = self.writer.wake
+        self._join()
+
+    # -- the process and the listener -------------------------------------------------
+
+    def after_fork(self) -> None:
+        # the parent's tasks belong to its event loop, which does not run here
+        if self.writer is not None:
+            self.writer.after_fork()
+        self.background = set()
+        super().after_fork()
+
+    def at_exit(self) -> None:
+        """The loop is gone by now: its drain task sent what it could when the loop
+        cancelled it; anything left is reported."""
+        b = self.core.batching
+        if b is not None and b.batch.outstanding():
+            b.warn_unapplied("at exit (close() the breaker or flush() it before the event "
+                             "loop ends)")
+
+    async def refresh_background(self) -> None:
+        await self.refresh(background=True)
+
+    def hub_running(self) -> None:
+        hub = self._hub
+        if isinstance(hub, AsyncHub):
+            hub.ensure_running()
+
+    def hub_task_missing(self) -> bool:
+        """Cheap check for the fast path: is the listener task not running (not started
+        yet, or ended with a previous event loop)?"""
+        hub = self._hub
+        if not isinstance(hub, AsyncHub):
+            return False
+        task = hub.task
+        return task is None or task.done()
+
+    # -- running a call -----------------------------------------------------------------
+
+    async def run(self, call: ScriptCall, mode: int = CALLER) -> Any:
+        """See `SyncEngine.run`. A caller cancelled while Redis answers does not cancel the
+        request: its outcome is applied when it comes."""
+        fb = self.core.fallback
+        if not fb.may_try(mode):
+            return fb.run(call)
+        sent_at = _monotonic()
+        try:
+            if mode == CALLER:
+                # The request is a task the caller stops awaiting after redis_timeout (or
+                # when cancelled); a bare future and a timer cost less than asyncio.wait.
+                loop = asyncio.get_running_loop()
+                task = loop.create_task(self.store.run(call))
+                waiter = loop.create_future()
+                task.add_done_callback(functools.partial(_wake, waiter))
+                timer = loop.call_later(self.config.redis_timeout, _wake, waiter, None)
+                try:
+                    await waiter
+                except asyncio.CancelledError:
+                    task.add_done_callback(self._late_callback(call))
+                    raise
+                finally:
+                    timer.cancel()
+                if not task.done():
+                    task.add_done_callback(self._late_callback(call))
+                    return fb.no_reply(call, sent_at)
+                raw = task.result()
+            else:
+                raw = await self.store.run(call)
+        except STORE_ERRORS as e:
+            alive = getattr(self.store, "alive", None)
+            if (fb.stuck_writer(mode, e) and alive
+                    and await alive(self.config.failover_after)):
+                fb.answered(None)  # one stuck connection, not a silent Redis
+                raise
+            return fb.failed(call, e, mode, sent_at)
+        return fb.answered(raw, sent_at)
+
+    def _late_callback(self, call: ScriptCall) -> Callable[[asyncio.Future[Any]], None]:
+        return functools.partial(deliver, functools.partial(self.on_late, call))
+
+    def on_late(self, call: ScriptCall, raw: Any, exc: BaseException | None) -> None:
+        """On the event loop: the outcome of a request whose caller went on."""
+        core = self.core
+        events, give_back = core.replies.late(call, raw, exc)
+        core.announcer.fire(events)
+        if give_back is not None:
+            self.keep(asyncio.ensure_future(self._give_back(give_back)))
+
+    async def _give_back(self, call: ScriptCall) -> None:
+        try:
+            self.core.replies.record(call, await self.run(call, BACKGROUND))
+        except Exception as e:  # the lease expires by itself
+            log.debug("giving back a late probe lease failed: %s", e)
+
+    def keep(self, t: asyncio.Future[Any]) -> None:
+        """Hold a reference to a background task until it is done."""
+        self.background.add(t)
+        t.add_done_callback(self.background.discard)
+
+    async def admit(self) -> Permit:
+        self.hub_running()
+        core = self.core
+        permit = core.fast_admit()
+        if permit is None:
+            call = core.calls.acquire()
+            permit, events = core.after_acquire(call, await self.run(call))
+            core.announcer.fire(events)
+        return permit
+
+    async def done(self, permit: Permit, exc: BaseException | None, result: Any, *,
+                   timed_out: bool = False) -> None:
+        core = self.core
+        call = core.finish(permit, exc, result, timed_out=timed_out)
+        if call is not None:
+            core.announcer.fire(core.replies.record(call, await self.run(call)))
+
+    async def refresh(self, background: bool = False) -> Reply | None:
+        core = self.core
+        seq = core.cell.seq if background else None
+        mode = BACKGROUND if background else CALLER
+        return core.replies.snapshot(await self.run(core.calls.build("snapshot"), mode), seq)
+
+    async def check(self) -> None:
+        """See `SyncEngine.check`."""
+        self.hub_running()
+        core = self.core
+        raw = await self.store.run(core.calls.build("snapshot"))
+        core.fallback.answered(raw)
+        core.replies.snapshot(raw)
+
+    async def op(self, op: str, *extra: str) -> None:
+        self.hub_running()
+        core = self.core
+        call = core.calls.build(op, *extra)
+        core.announcer.fire(core.replies.record(call, await self.run(call, OPERATOR)))
+
+    def start(self, coro: Awaitable[None]) -> asyncio.Task[None]:
+        """Run an operator action as a task that starts now (see the shell)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            if asyncio.iscoroutine(coro):
+                coro.close()
+            raise RuntimeError(f"AsyncCircuitBreaker {self.name!r}: operator actions need a "
+                               "running event loop; from sync code use CircuitBreaker (or "
+                               "the distbreaker CLI)") from None
+        task: asyncio.Task[None] = loop.create_task(coro)  # type: ignore[arg-type]
+        self.keep(task)
+        return task
+
+    async def close(self) -> Any:
+        """Finish pending operator actions and send pending outcomes, stop listening;
+        returns the client to give back."""
+        pending = [t for t in self.background if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=CLOSE_FLUSH_TIMEOUT_S)
+        w = self.writer
+        if self.attached is not None and w is not None and not await w.flush(
+                CLOSE_FLUSH_TIMEOUT_S):
+            w.batching.warn_unapplied("closed")
+        client = self.attached[2] if self.attached is not None else None
+        self.detach()
+        return client
+
+
+class AsyncWriter:
+    """Batched mode on the loop: a drain task sends the pending outcomes, one record call
+    at a time, through the engine (the twin of the writer thread, `_batch.ThreadWriter`)."""
+
+    def __init__(self, engine: AsyncEngine, batching: Batching) -> None:
+        # weakly: the engine holds its writer, and a dropped breaker is freed at once
+        self._engine = weakref.ref(engine)
+        self.batching = batching
+        self.name = engine.name
+        self._drainer: asyncio.Task[None] | None = None
+        self._urgent: asyncio.Event | None = None
+
+    def after_fork(self) -> None:
+        self._drainer = None
+        self._urgent = None
+
+    def wake(self) -> None:
+        """Start the drain task on the running loop unless one is running (called from the
+        loop's thread: no await between the check and the start)."""
+        t = self._drainer
+        if t is None or t.done() or t.get_loop() is not asyncio.get_running_loop():
+            self._urgent = None  # an Event belongs to the loop that first waits on it
+            self._drainer = asyncio.get_running_loop().create_task(
+                self._drain(), name=f"distbreaker-writer-{self.name}")
+        elif self._urgent is not None:
+            self._urgent.set()
+
+    async def _drain(self) -> None:
+        """Send pending outcomes, one call at a time, until none are left. Cancelled (the
+        loop is shutting down), it still sends what is pending, then re-raises; the batch
+        that was in flight counts as lost rather than risk counting it twice."""
+        b = self.batching
+        cancelled = False
+        while True:
+            call = b.take()
+            if call is None:
+                due = b.due()
+                if due == _INF:
+                    break
+                try:  # the linger: wait for more outcomes, or for flush() / a trip
+                    evt = self._urgent = self._urgent or asyncio.Event()
+                    await asyncio.wait_for(evt.wait(), max(0.0, due - time.monotonic()))
+                except asyncio.TimeoutError:
+                    pass
+                except asyncio.CancelledError:
+                    cancelled = True
+                    b.batch.hurry()
+                if self._urgent is not None:
+                    self._urgent.clear()
+                continue
+            engine = self._engine()
+            if engine is None:
+                break  # the breaker is gone; what it held is reported by nobody
+            try:
+                _, events = b.done(call, await engine.run(call, WRITER))
+            except (Exception, asyncio.CancelledError) as e:
+                cancelled = cancelled or isinstance(e, asyncio.CancelledError)
+                b.lost(e)
+                continue
+            engine.core.announcer.fire(events)
+            del engine
+        if cancelled:
+            raise asyncio.CancelledError
+
+    async def flush(self, timeout: float | None) -> bool:
+        b = self.batching.batch
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+
+        def settle() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        def notify() -> None:
+            loop.call_soon_threadsafe(settle)
+
+        if not b.wait(notify):
+            return True
+        b.hurry()
+        self.wake()
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except asyncio.TimeoutError:
+            b.unwait(notify)
+            return False
+        return True
+
+
+def _wake(waiter: asyncio.Future[None], _: Any) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

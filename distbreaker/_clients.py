@@ -17,10 +17,14 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import redis
+import redis.asyncio
+
 from ._process import PROCESS
 
 __all__ = ["STORE_ERRORS", "InFlight", "background", "deliver", "derive_client", "is_cluster",
-           "label", "mark_sent", "sentinel_pools", "share_client", "unshare_client", "was_sent"]
+           "label", "mark_sent", "pool_aget", "pool_arelease", "pool_get", "pool_release",
+           "raw_capable", "sentinel_pools", "share_client", "unshare_client", "was_sent"]
 
 log = logging.getLogger("distbreaker")
 
@@ -245,3 +249,58 @@ def sentinel_pools(client: Any) -> list[Any]:
         clients = [client, *(e[0] for e in PROCESS.clients.values() if e[2] is client)]
     return [c.connection_pool for c in clients
             if hasattr(getattr(c, "connection_pool", None), "get_master_address")]
+
+
+# --- connections taken from a client's pool directly (the stores and the listener) -------
+
+_LEGACY_GET_CONNECTION = tuple(int(x) for x in redis.__version__.split(".")[:2]) < (5, 3)
+
+
+def raw_capable(client: Any) -> bool:
+    """A plain or Sentinel-managed redis-py client (not Cluster, not a fake or a wrapper):
+    one whose pool's connections can be driven directly."""
+    pool = getattr(client, "connection_pool", None)
+    return (isinstance(client, (redis.Redis, redis.asyncio.Redis))
+            and type(client).__module__.startswith("redis.")
+            and pool is not None and type(pool).__module__.startswith("redis.")
+            and hasattr(pool, "get_connection") and hasattr(pool, "release"))
+
+
+def pool_get(pool: Any) -> Any:
+    return pool.get_connection("EVALSHA") if _LEGACY_GET_CONNECTION else pool.get_connection()
+
+
+def pool_release(pool: Any, conn: Any) -> None:
+    with contextlib.suppress(Exception):  # a pool reset by a fork, say
+        pool.release(conn)
+
+
+async def pool_aget(pool: Any) -> Any:
+    """`pool_get` for a redis.asyncio pool, which can hand out a connection the server
+    closed while it was idle (a restart, CLIENT KILL, an idle timeout): reconnect before
+    sending, never resend after (the command may have run)."""
+    conn = await (pool.get_connection("EVALSHA") if _LEGACY_GET_CONNECTION else
+                  pool.get_connection())
+    if _dead(conn):
+        await conn.disconnect()
+        await conn.connect()
+    return conn
+
+
+async def pool_arelease(pool: Any, conn: Any) -> None:
+    with contextlib.suppress(Exception):
+        released = pool.release(conn)
+        if inspect.isawaitable(released):
+            await released
+
+
+def _dead(conn: Any) -> bool:
+    """An asyncio connection the server closed (end of file) or reset (the reader holds
+    the error) while it sat in the pool."""
+    reader = getattr(conn, "_reader", None)
+    if reader is None:
+        return False
+    try:
+        return bool(reader.at_eof() or reader.exception() is not None)
+    except Exception:
+        return False

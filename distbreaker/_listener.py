@@ -19,7 +19,7 @@ import random
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from redis.exceptions import ResponseError
@@ -30,6 +30,14 @@ from ._guard import StoreGuard, describe, guard_for
 from ._keys import seq_key_for
 from ._process import PROCESS
 from ._protocol import Push, decode_push
+from ._subscriber import (
+    AsyncPubSubReader,
+    AsyncSocketReader,
+    PubSubReader,
+    SocketReader,
+    aopen_reader,
+    open_reader,
+)
 
 __all__ = ["AsyncHub", "Hub", "HubMember", "MemoryHub", "ThreadHub", "hub_for"]
 
@@ -274,24 +282,22 @@ class ThreadHub(Hub):
             tick = self.tick()
             try:
                 if ps is None:
-                    ps = self._client.pubsub()
                     asked = time.monotonic()
                     self.beat.reset()
-                    ps.subscribe(self.channel)
-                msg = ps.get_message(timeout=tick)
-                if msg is not None:
-                    kind = msg["type"]
-                    if kind == "subscribe":
+                    ps = open_reader(self._client, self.channel)
+                items = ps.read(tick)
+                for kind, data in items:  # a storm arrives as many items at once
+                    if kind == "message":
+                        self.dispatch(data)
+                        if self.beat.missed:  # a gap in the numbers
+                            self.beat.missed = False
+                            self._refresh(self.members(), only_stale=False)
+                    elif kind == "subscribe":
                         outage.ok(asked)
                         self._beat(ps, outage.guard, first=True)
                         self._refresh(self.members(), only_stale=False)
                         next_scan = time.monotonic() + tick
-                    elif kind == "message":
-                        self.dispatch(msg["data"])
-                        if self.beat.missed:  # a gap in the numbers
-                            self.beat.missed = False
-                            self._refresh(self.members(), only_stale=False)
-                    elif kind == "pong" and _text(msg["data"]) == BEAT_TOKEN:
+                    elif kind == "pong" and _text(data) == BEAT_TOKEN:
                         self._after(self.beat.pong())
                 if time.monotonic() >= next_scan:  # once per tick, not per message
                     now = next_scan = time.monotonic()
@@ -406,25 +412,23 @@ class AsyncHub(Hub):
                         if init is not None:  # an asyncio Cluster client learns its slots
                             await init()
                         # unasync: async-only end
-                        ps = self._client.pubsub()
                         asked = time.monotonic()
                         self.beat.reset()
-                        await ps.subscribe(self.channel)
-                    msg = await ps.get_message(timeout=tick)
+                        ps = await aopen_reader(self._client, self.channel)
+                    items = await ps.read(tick)
                     _raise_if_cancelling()  # unasync: async-only
-                    if msg is not None:
-                        kind = msg["type"]
-                        if kind == "subscribe":
+                    for kind, data in items:  # a storm arrives as many items at once
+                        if kind == "message":
+                            self.dispatch(data)
+                            if self.beat.missed:  # a gap in the numbers
+                                self.beat.missed = False
+                                await self._refresh(self.members(), only_stale=False)
+                        elif kind == "subscribe":
                             outage.ok(asked)
                             await self._beat(ps, outage.guard, first=True)
                             await self._refresh(self.members(), only_stale=False)
                             next_scan = time.monotonic() + tick
-                        elif kind == "message":
-                            self.dispatch(msg["data"])
-                            if self.beat.missed:  # a gap in the numbers
-                                self.beat.missed = False
-                                await self._refresh(self.members(), only_stale=False)
-                        elif kind == "pong" and _text(msg["data"]) == BEAT_TOKEN:
+                        elif kind == "pong" and _text(data) == BEAT_TOKEN:
                             await self._after(self.beat.pong())
                     if time.monotonic() >= next_scan:  # once per tick, not per message
                         now = next_scan = time.monotonic()
@@ -463,19 +467,16 @@ def _raise_if_cancelling() -> None:
         raise asyncio.CancelledError
 
 
-def _close_quietly(ps: Any) -> None:
+def _close_quietly(ps: PubSubReader | SocketReader | None) -> None:
     if ps is not None:
         with contextlib.suppress(Exception):
             ps.close()
 
 
-async def _aclose_quietly(ps: Any) -> None:
+async def _aclose_quietly(ps: AsyncPubSubReader | AsyncSocketReader | None) -> None:
     if ps is not None:
-        try:
-            close: Callable[[], Awaitable[None]] = getattr(ps, "aclose", None) or ps.close
-            await close()
-        except Exception:
-            pass
+        with contextlib.suppress(Exception):
+            await ps.close()
 
 
 def hub_for(kind: Callable[[Any, str], Hub], backend: Any, channel: str) -> Hub:

@@ -19,6 +19,7 @@ import pytest
 import redis
 from polling import until
 
+import distbreaker._subscriber
 from distbreaker import CircuitBreaker, CircuitBreakerConfig, CircuitState
 from distbreaker._beat import Beat, Step
 from distbreaker._keys import BreakerKeys, seq_key_for
@@ -111,8 +112,8 @@ def test_a_ping_without_a_reply_means_a_dead_connection(
         admin = server.client()
         assert until(lambda: admin.hget(SEQ, "e") is not None, 5.0)
         sent: list[Any] = []
-        monkeypatch.setattr(redis.client.PubSub, "ping",
-                            lambda self, message=None: sent.append(message))
+        monkeypatch.setattr(distbreaker._subscriber.SocketReader, "ping",
+                            lambda self, token: sent.append(token))
         with caplog.at_level(logging.INFO, logger="distbreaker"):
             _forced_open(admin, "deadsub")  # a number the listener has not heard
             assert until(lambda: sent, 2.0)  # it asked, and the reply never comes

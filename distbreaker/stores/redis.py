@@ -16,7 +16,6 @@ to EVALSHA for good. Cluster clients and anything else go through redis-py's
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import hashlib
 import inspect
@@ -31,6 +30,10 @@ import redis.asyncio
 
 from .._clients import InFlight, background, deliver
 from .._clients import mark_sent as _mark
+from .._clients import pool_aget as _aget
+from .._clients import pool_get as _get
+from .._clients import pool_release as _release
+from .._clients import raw_capable as _raw_capable
 from .._process import PROCESS
 from .._protocol import ScriptCall
 from ._scripts import OPS, ScriptSet, function_library, function_name, script_source
@@ -38,7 +41,6 @@ from ._scripts import OPS, ScriptSet, function_library, function_name, script_so
 __all__ = ["AsyncRedisStore", "RedisStore"]
 
 _HEAD_CACHE_MAX = 65536  # breakers on one client
-_LEGACY_GET_CONNECTION = tuple(int(x) for x in redis.__version__.split(".")[:2]) < (5, 3)
 
 
 def _bulk(v: bytes) -> bytes:
@@ -135,15 +137,6 @@ def _missing(e: Exception) -> str:
                                                           or "'function" in low):
         return "support"  # the ACL allows scripts but not Functions
     return ""
-
-
-def _raw_capable(client: Any) -> bool:
-    """A plain or Sentinel-managed redis-py client (not Cluster, not a fake or a wrapper)."""
-    pool = getattr(client, "connection_pool", None)
-    return (isinstance(client, (redis.Redis, redis.asyncio.Redis))
-            and type(client).__module__.startswith("redis.")
-            and pool is not None and type(pool).__module__.startswith("redis.")
-            and hasattr(pool, "get_connection") and hasattr(pool, "release"))
 
 
 Done = Callable[[ScriptCall, Any, "BaseException | None"], None]
@@ -395,15 +388,6 @@ class RedisStore:
     # --- end generated ---
 
 
-def _get(pool: Any) -> Any:
-    return pool.get_connection("EVALSHA") if _LEGACY_GET_CONNECTION else pool.get_connection()
-
-
-def _release(pool: Any, conn: Any) -> None:
-    with contextlib.suppress(Exception):  # a pool reset by a fork, say
-        pool.release(conn)
-
-
 def _finish(fn: Callable[..., Any], done: Done, call: ScriptCall, *args: Any) -> None:
     """On a background thread: run `fn(call, *args)`, hand its outcome to `done`."""
     try:
@@ -412,18 +396,6 @@ def _finish(fn: Callable[..., Any], done: Done, call: ScriptCall, *args: Any) ->
         done(call, None, e)
         return
     done(call, raw, None)
-
-
-def _dead(conn: Any) -> bool:
-    """An asyncio connection the server closed (end of file) or reset (the reader holds
-    the error) while it sat in the pool."""
-    reader = getattr(conn, "_reader", None)
-    if reader is None:
-        return False
-    try:
-        return bool(reader.at_eof() or reader.exception() is not None)
-    except Exception:
-        return False
 
 
 class AsyncRedisStore:
@@ -501,15 +473,3 @@ class AsyncRedisStore:
                 await released
             # unasync: async-only end
             # unasync: sync: _release(pool, conn)
-
-
-async def _aget(pool: Any) -> Any:
-    """`_get` for a redis.asyncio pool, which can hand out a connection the server closed
-    while it was idle (a restart, CLIENT KILL, an idle timeout): reconnect before sending,
-    never resend after (the command may have run)."""
-    conn = await (pool.get_connection("EVALSHA") if _LEGACY_GET_CONNECTION else
-                  pool.get_connection())
-    if _dead(conn):
-        await conn.disconnect()
-        await conn.connect()
-    return conn

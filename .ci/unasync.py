@@ -54,6 +54,7 @@ TOKENS: list[tuple[str, str]] = [
     (r"\b_aclose_quietly\b", "_close_quietly"),
     (r"\b_aget\b", "_get"),
     (r"\baopen_reader\b", "open_reader"),
+    (r"\b_arelease\b", "_release"),
     (r"\bAsyncHub\b", "ThreadHub"),
     (r"\bAsyncRedisStore\b", "RedisStore"),
     (r"\b__aenter__\b", "__enter__"),

@@ -49,7 +49,7 @@ def _region(lines: list[str], source: str) -> range:
 @pytest.mark.parametrize(("module", "source", "old", "new"), [
     ("distbreaker/_listener.py", "AsyncHub._run", "time.sleep(delay)", "time.sleep(delay * 2)"),
     ("distbreaker/stores/redis.py", "AsyncRedisStore._send",
-     "_release(pool, conn)", "pool.release(conn)"),
+     "_release(idle.pool, conn)", "idle.pool.release(conn)"),
 ])
 def test_check_fails_on_an_edited_generated_line(tmp_path: Path, module: str, source: str,
                                                  old: str, new: str) -> None:

@@ -9,6 +9,7 @@ outcomes are sent by a drain task on the loop instead of the writer thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import math
@@ -111,12 +112,14 @@ class AsyncEngine(Engine):
                     task.add_done_callback(self._late_callback(call))
                     return fb.no_reply(call, sent_at)
                 raw = task.result()
+            elif mode == WRITER and isinstance(self.store, AsyncRedisStore):
+                raw = await self.store.run_piped(call)  # with every due batch of the client
             else:
                 raw = await self.store.run(call)
         except STORE_ERRORS as e:
             alive = getattr(self.store, "alive", None)
             if (fb.stuck_writer(mode, e) and alive
-                    and await alive(self.config.failover_after)):
+                    and await _alive_once(e, alive, self.config.failover_after)):
                 fb.answered(None)  # one stuck connection, not a silent Redis
                 raise
             return fb.failed(call, e, mode, sent_at)
@@ -301,3 +304,15 @@ class AsyncWriter:
 def _wake(waiter: asyncio.Future[None], _: Any) -> None:
     if not waiter.done():
         waiter.set_result(None)
+
+
+async def _alive_once(e: BaseException, alive: Callable[[float], Awaitable[bool]],
+                      timeout: float) -> bool:
+    """`alive(timeout)`, asked once per exception: every batch of one pipeline meets the
+    same one, and one PING decides for all of them (not one per breaker)."""
+    fut: asyncio.Future[bool] | None = getattr(e, "distbreaker_alive", None)
+    if fut is None:
+        fut = asyncio.ensure_future(alive(timeout))
+        with contextlib.suppress(Exception):
+            e.distbreaker_alive = fut  # type: ignore[attr-defined]
+    return await asyncio.shield(fut)

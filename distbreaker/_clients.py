@@ -227,8 +227,9 @@ def derive_client(client: Any, timeout: float, connect_timeout: float | None = N
     cls = type(pool)
     # The derived pool has no cap of its own: a connection whose caller went on is held
     # until its reply comes, and a capped (or blocking) pool would turn a pause into
-    # "too many connections" or a wait of the pool's timeout on the caller's path.
-    max_connections = None
+    # "too many connections" or a wait of the pool's timeout on the caller's path. Said
+    # as a number: redis-py 8 reads None as its default cap of 100.
+    max_connections = 2**31
     if cls.__name__ == "BlockingConnectionPool" and cls.__module__.startswith("redis"):
         cls = type(pool).__mro__[1]  # its plain ConnectionPool base
     try:

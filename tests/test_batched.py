@@ -718,3 +718,120 @@ def test_a_pipeline_timed_out_asks_redis_once_not_once_per_breaker(
         c.close()
         proxy.stop()
         server.stop()
+
+
+async def _aok() -> str:
+    await asyncio.sleep(0)
+    return "ok"
+
+
+async def _aboom() -> None:
+    await asyncio.sleep(0)
+    raise Boom
+
+
+async def test_async_due_breakers_share_one_pipeline_and_few_connections(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The asyncio twin: every breaker's drain task submits its batch to the client's one
+    pipeline on the loop, so batches due together go out together. Before, each drain
+    task took its own round trip on its own connection: 300 breakers held about 300
+    connections."""
+    from distbreaker.stores.redis import AsyncRedisStore
+
+    rounds: list[int] = []
+    singles = [0]
+    many, one = AsyncRedisStore._send_many, AsyncRedisStore._send
+
+    async def counted_many(self: AsyncRedisStore, payloads: list[bytes]) -> list[Any]:
+        rounds.append(len(payloads))
+        return await many(self, payloads)
+
+    async def counted_one(self: AsyncRedisStore, payload: bytes) -> Any:
+        if b"_record\r\n" in payload:
+            singles[0] += 1
+        return await one(self, payload)
+
+    monkeypatch.setattr(AsyncRedisStore, "_send_many", counted_many)
+    monkeypatch.setattr(AsyncRedisStore, "_send", counted_one)
+    server = RedisServer().start()  # its own: every connection on it is this test's
+    redis_client = server.client()
+    c = aredis.Redis(port=server.port)
+    n = 300
+    names = [name() for _ in range(n)]
+    bs = [AsyncCircuitBreaker(x, CircuitBreakerConfig(**BATCHED), redis=c) for x in names]
+    try:
+        for b in bs:  # each breaker's first read, one at a time
+            await b.call(_aok)
+            assert await b.flush(5)
+        rounds.clear()
+        singles[0] = 0
+        for _ in range(3):  # as a loop of many concurrent tasks calls them
+            await asyncio.gather(*(b.call(_aok) for b in bs))
+            with contextlib.suppress(Boom):
+                await bs[0].call(_aboom)
+        peak = len(redis_client.client_list(_type="normal"))
+        for b in bs:
+            assert await b.flush(10)
+        for x, b in zip(names, bs, strict=True):
+            w = window(redis_client, x)
+            m = b.get_metrics()
+            assert w.get("c") == ("7" if x == names[0] else "4"), (x, w, m)
+        assert all(b.get_metrics().lost_outcomes == 0 for b in bs)
+        assert all(b.get_metrics().store_failovers == 0 for b in bs)
+        sent = sum(rounds) + singles[0]
+        assert sent >= n
+        assert len(rounds) + singles[0] < sent / 10, (rounds, singles)
+        assert max(rounds) > 50, rounds
+        assert len(redis_client.client_list(_type="normal")) <= 12
+        assert peak <= 12, peak
+    finally:
+        for b in bs:
+            await b.close()
+        await c.aclose()
+        server.stop()
+
+
+async def test_async_pipeline_timed_out_asks_redis_once_not_once_per_breaker(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from tcp_proxy import TcpProxy
+
+    from distbreaker.stores.redis import AsyncRedisStore
+
+    pings: list[float] = []
+    alive = AsyncRedisStore.alive
+
+    async def counted(self: AsyncRedisStore, timeout: float) -> bool:
+        pings.append(timeout)
+        return await alive(self, timeout)
+
+    monkeypatch.setattr(AsyncRedisStore, "alive", counted)
+    server = RedisServer().start()
+    proxy = TcpProxy(server.port).start()
+    cfg = CircuitBreakerConfig(**{**BATCHED, "redis_background_timeout": 0.4,
+                                  "failover_after": 0.2})
+    c = aredis.Redis.from_url(proxy.url)
+    bs = [AsyncCircuitBreaker(name(), cfg, redis=c) for _ in range(40)]
+    try:
+        for b in bs:
+            assert await b.flush(5)
+        await bs[0].call(_aok)
+        assert await bs[0].flush(5)
+        proxy.blackhole(True)
+        t0 = time.monotonic()
+        for b in bs:
+            await b.call(_aok)
+        for b in bs:
+            await b.flush(5)
+        took = time.monotonic() - t0
+        proxy.blackhole(False)
+        lost = sum(b.get_metrics().lost_outcomes + b.get_metrics().unshared_outcomes
+                   for b in bs)
+        assert lost >= 1
+        assert len(pings) <= 4, pings  # once per pipeline, not once per breaker
+        assert took < 5.0, took
+    finally:
+        for b in bs:
+            await b.close()
+        await c.aclose()
+        proxy.stop()
+        server.stop()

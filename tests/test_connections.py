@@ -132,3 +132,31 @@ def test_a_forked_child_never_uses_its_parents_connection(server: RedisServer) -
         assert until(lambda: _conns(admin) == parents, 5.0)  # the child's went with it
     finally:
         b.close()
+
+
+def test_more_requests_in_flight_than_redis_py_s_default_cap(server: RedisServer) -> None:
+    """Our clients have no connection cap: a request whose caller went on holds its
+    connection until the reply. redis-py 8 reads max_connections=None as 100, so 150
+    calls in flight during a pause failed over with "Too many connections" while Redis
+    was merely paused."""
+    admin = server.client()
+    cfg = CircuitBreakerConfig(consistency="strict", redis_timeout=3.0, max_staleness=60.0,
+                               failure_threshold=1000, minimum_calls=100_000)
+
+    async def ok() -> int:
+        return 1
+
+    async def go() -> None:
+        b = AsyncCircuitBreaker("many-in-flight", cfg, redis=aredis.Redis(port=server.port))
+        try:
+            assert await b.call(ok) == 1
+            admin.client_pause(500, all=False)  # writes wait: every record is in flight
+            got = await asyncio.gather(*(b.call(ok) for _ in range(150)))
+            assert got == [1] * 150
+            m = b.get_metrics()
+            assert (m.successful_calls, m.store_failovers, m.unshared_outcomes,
+                    m.lost_outcomes) == (151, 0, 0, 0)
+        finally:
+            await b.close()
+
+    asyncio.run(go())

@@ -608,13 +608,14 @@ class _AutoPipe:
         self._loop = loop
         self._queue: list[tuple[ScriptCall, asyncio.Future[Any]]] = []
         self._sending = False
+        self._task: asyncio.Task[None] | None = None  # held: the loop keeps tasks weakly
 
     def submit(self, call: ScriptCall) -> asyncio.Future[Any]:
         fut: asyncio.Future[Any] = self._loop.create_future()
         self._queue.append((call, fut))
         if not self._sending:
             self._sending = True
-            self._loop.create_task(self._send(), name="distbreaker-pipeline")
+            self._task = self._loop.create_task(self._send(), name="distbreaker-pipeline")
         return fut
 
     async def _send(self) -> None:

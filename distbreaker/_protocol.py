@@ -328,8 +328,8 @@ def decode_push(data: Any) -> Push | None:
                 parts.insert(8, "-")
             if len(parts) != 11:
                 return None
-        _, event, frm, to, gen, until, now, forced, seq, origin, name = parts
-        if _ != "v1":
+        version, event, frm, to, gen, until, now, forced, seq, origin, name = parts
+        if version != "v1":
             return None
         return Push(
             event,

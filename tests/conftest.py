@@ -11,6 +11,7 @@ from typing import Any
 import fakeredis
 import pytest
 import redis
+from fake import fake_server
 
 from redis_server import RedisServer
 
@@ -40,7 +41,7 @@ def backend(request: pytest.FixtureRequest, redis_client: redis.Redis) -> Iterat
 
 @pytest.fixture
 def fake_client() -> Iterator[fakeredis.FakeRedis]:
-    server = fakeredis.FakeServer()
+    server = fake_server()
     c = fakeredis.FakeRedis(server=server)
     yield c
     c.close()

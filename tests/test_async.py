@@ -9,6 +9,7 @@ from typing import Any
 import fakeredis
 import pytest
 import redis.asyncio as aioredis
+from fake import fake_server
 
 from distbreaker import (
     AsyncCircuitBreaker,
@@ -34,7 +35,7 @@ async def amake(request: pytest.FixtureRequest) -> AsyncIterator[Factory]:
         def backend() -> Any:
             return store
     elif request.param == "fakeredis":
-        server = fakeredis.FakeServer()
+        server = fake_server()
 
         def backend() -> Any:
             c = fakeredis.FakeAsyncRedis(server=server)

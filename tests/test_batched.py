@@ -24,6 +24,7 @@ import fakeredis
 import pytest
 import redis
 import redis.asyncio as aredis
+from fake import fake_server
 
 from distbreaker import (
     AsyncCircuitBreaker,
@@ -70,7 +71,7 @@ def client(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterato
     if request.param == "redis":
         c: Any = redis_server.client()
     else:
-        c = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+        c = fakeredis.FakeRedis(server=fake_server())
     yield c
     c.close()
 

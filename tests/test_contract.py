@@ -15,6 +15,7 @@ from typing import Any
 import fakeredis
 import pytest
 import redis
+from fake import fake_server
 
 from distbreaker import (
     CircuitBreaker,
@@ -54,7 +55,7 @@ def make(request: pytest.FixtureRequest) -> Iterator[Factory]:
         def backend() -> Any:
             return store
     elif request.param == "fakeredis":
-        server = fakeredis.FakeServer()
+        server = fake_server()
 
         def backend() -> Any:
             return fakeredis.FakeRedis(server=server)

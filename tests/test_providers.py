@@ -8,6 +8,7 @@ from typing import Any
 
 import fakeredis
 import pytest
+from fake import fake_server
 
 import distbreaker
 from distbreaker import (
@@ -191,7 +192,7 @@ def test_global_manager_from_env(fresh_global: Any, redis_server: Any,
 
 
 def test_decorator_sync_and_async(fresh_global: Any) -> None:
-    configure(redis=fakeredis.FakeRedis(), default_config=CFG)
+    configure(redis=fakeredis.FakeRedis(server=fake_server()), default_config=CFG)
 
     @circuit_breaker_protect(ProviderType.YANDEX)
     def recognize(x: int) -> int:

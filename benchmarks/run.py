@@ -74,6 +74,8 @@ T_IDLE_FLEET = 1000.0  # commands/s for 1,000 idle processes x 20 breakers
 T_IDLE_GROWTH = 1.25  # idle commands per process, most breakers / fewest
 T_STORM_P99_MS = 50.0
 T_SCALE_GROWTH = 2.0  # batched cost per call, most breakers / one
+T_INPROC_VS_CB = 1.5  # in-process call / the circuitbreaker package's call
+T_TRANSITION_US = 5.0  # one in-process transition
 
 
 @dataclass(frozen=True)
@@ -557,6 +559,77 @@ async def _scale_async(port: int, n: int, plan: Plan, admin: redis.Redis,
             "redis_bytes_per_breaker": redis_bytes, "connections": conns}
 
 
+def inprocess(plan: Plan) -> dict[str, Any]:
+    """The in-process store (`redis=None`) against in-memory peers, interleaved block by
+    block: a successful call, and a transition (a trip and a reset in turn: the time of
+    both, halved). Peers not installed are left out."""
+    subjects: dict[str, tuple[Callable[[], Any], Callable[[], Any] | None]] = {}
+    mem = CircuitBreaker("bench-inproc-call", _cfg())
+    trip_b = CircuitBreaker("bench-inproc-trip", _cfg(failure_threshold=1))
+
+    def d_flip() -> None:
+        try:  # noqa: SIM105 (timed: cheaper than suppress)
+            trip_b.call(_boom)
+        except _Boom:
+            pass
+        trip_b.reset()
+
+    subjects["distbreaker, in-process store"] = (lambda: mem.call(_noop), d_flip)
+    try:
+        import pybreaker
+
+        pb = pybreaker.CircuitBreaker(fail_max=5, reset_timeout=30)
+        pbt = pybreaker.CircuitBreaker(fail_max=1, reset_timeout=30)
+
+        def pb_flip() -> None:
+            try:  # noqa: SIM105 (timed: cheaper than suppress)
+                pbt.call(_boom)
+            except (_Boom, pybreaker.CircuitBreakerError):
+                pass
+            pbt.close()
+
+        subjects["pybreaker (memory)"] = (lambda: pb.call(_noop), pb_flip)
+    except ImportError:
+        pass
+    try:
+        import circuitbreaker
+
+        cb = circuitbreaker.CircuitBreaker(failure_threshold=5, recovery_timeout=30)
+        cbt = circuitbreaker.CircuitBreaker(failure_threshold=1, recovery_timeout=30)
+        guarded, guarded_boom = cb(_noop), cbt(_boom)
+
+        def cb_flip() -> None:
+            try:  # noqa: SIM105 (timed: cheaper than suppress)
+                guarded_boom()
+            except _Boom:
+                pass
+            cbt.reset()
+
+        subjects["circuitbreaker"] = (guarded, cb_flip)
+    except ImportError:
+        pass
+    calls: dict[str, list[float]] = {k: [] for k in subjects}
+    flips: dict[str, list[float]] = {k: [] for k in subjects}
+    pc = time.perf_counter_ns
+    n, nf = plan.loop_ops * 10, plan.loop_ops
+    for _ in range(plan.blocks * 2):
+        for name, (call, flip) in subjects.items():
+            t = pc()
+            for _ in range(n):
+                call()
+            calls[name].append((pc() - t) / n / 1000.0)
+            if flip is not None:
+                t = pc()
+                for _ in range(nf):
+                    flip()
+                flips[name].append((pc() - t) / nf / 2 / 1000.0)
+    mem.close()
+    trip_b.close()
+    return {name: {"call_us": statistics.median(calls[name]),
+                   "transition_us": statistics.median(flips[name]) if flips[name] else None}
+            for name in subjects}
+
+
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -638,6 +711,13 @@ def targets(r: dict[str, Any], groups: dict[str, list[Subject]]) -> list[dict[st
                           f"{rows[0]['breakers']:,} breakers",
                           rows[-1]["us_per_call"] / rows[0]["us_per_call"], "<=",
                           T_SCALE_GROWTH))
+    ip = r["inprocess"]
+    ours = ip["distbreaker, in-process store"]
+    if "circuitbreaker" in ip:
+        items.append(("in-process store: call / circuitbreaker call", ours["call_us"]
+                      / ip["circuitbreaker"]["call_us"], "<=", T_INPROC_VS_CB))
+    items.append(("in-process store: one transition (us)", ours["transition_us"], "<=",
+                  T_TRANSITION_US))
     st = r["storm"]
     items.append((f"storm: {st['procs']} x {st['breakers']} trips seen, p99 (ms)",
                   st["p99_ms"] if not st["missed"] else math.inf, "<=", T_STORM_P99_MS))
@@ -753,6 +833,22 @@ def render(r: dict[str, Any], groups: dict[str, list[Subject]]) -> str:
     for mode, x in r["throughput"].items():
         add(f"| {mode} | {x['calls_per_s']:,.0f} | {x['script_calls']:,} | "
             f"{x['redis_cpu_pct']:.0f} | {x['redis_cpu_us_per_call']:.2f} |")
+    add("")
+    add("## In-process store against in-memory peers (one process, no Redis)")
+    add("")
+    add("| subject | successful call (us) | / circuitbreaker | one transition (us) |")
+    add("| --- | ---: | ---: | ---: |")
+    ip = r["inprocess"]
+    base = ip.get("circuitbreaker", {}).get("call_us")
+    for name, x in ip.items():
+        rel = f"{x['call_us'] / base:.2f}x" if base else "-"
+        add(f"| {name} | {x['call_us']:.2f} | {rel} | {_fmt(x['transition_us'])} |")
+    add("")
+    add("Measured interleaved, block by block. A transition is a trip (one failing call "
+        "with a threshold of 1) and a reset in turn, their time halved. distbreaker's call "
+        "also keeps this process's metrics (counts, latency ring, history) and its "
+        "transitions fire the state-change hook and the listeners' events; a plain "
+        "success is applied to the model in place, without a script call.")
     add("")
     add("## Redis memory per breaker (MEMORY USAGE of all its keys)")
     add("")
@@ -908,6 +1004,8 @@ def main(argv: list[str] | None = None) -> int:
                      for key in ("spin", "yield")}
         step("throughput, 8 processes")
         r["throughput"] = throughput(port, spid, plan)
+        step("in-process store against in-memory peers")
+        r["inprocess"] = inprocess(plan)
         step("memory per breaker")
         r["memory"] = memory(port, plan)
         step("many breakers")

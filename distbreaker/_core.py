@@ -79,6 +79,9 @@ class BreakerCore:
             name, config, batch, self.cell, self.counters, self.replies, self.calls)
         #: Wakes the writer when batched outcomes are due; the engine sets it.
         self.wake: Callable[[], None] = _no_writer
+        #: In-process store only: applies a plain success at a generation in place, or
+        #: says False (`MemoryStore.plain_success`); the engine sets it.
+        self.direct: Callable[[int], bool] | None = None
 
     # -- admitting ---------------------------------------------------------------------
 
@@ -163,6 +166,10 @@ class BreakerCore:
             if b.add(permit.generation, code, ra_ms):
                 self.wake()
             return None
+        direct = self.direct
+        if (direct is not None and code == Code.OK and not permit.lease and not ra_ms
+                and direct(permit.generation)):
+            return None  # applied in the in-process store: no reply to apply either
         return self.calls.record(permit.generation, code, permit.lease, ra_ms)
 
     # -- the rest ----------------------------------------------------------------------

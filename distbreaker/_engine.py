@@ -9,12 +9,15 @@ how they run a call is not (`_sync_engine`, `_async_engine`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from ._core import BreakerCore
 from ._listener import Hub, hub_for
+from ._model import ModelConfig
 from ._process import PROCESS
 from ._protocol import Push
+from .stores import AsyncMemoryStore, MemoryStore
 
 __all__ = ["CLOSE_FLUSH_TIMEOUT_S", "Engine"]
 
@@ -33,6 +36,9 @@ class Engine:
         self.store = store
         self._hub: Hub | None = None
         self.attached: tuple[type[Hub], Any, Any] | None = (hub_kind, backend, client)
+        memory = store.sync if isinstance(store, AsyncMemoryStore) else store
+        if isinstance(memory, MemoryStore) and core.batching is None:
+            core.direct = _direct(memory, core)
 
     def _join(self) -> None:
         """The last step of a subclass's construction."""
@@ -73,3 +79,18 @@ class Engine:
     def refresh_background(self) -> Any:
         """Re-read the snapshot for the hub (a coroutine on an asyncio engine)."""
         raise NotImplementedError
+
+
+def _direct(store: MemoryStore, core: BreakerCore) -> Callable[[int], bool]:
+    """`BreakerCore.direct` for an in-process store: what a record call of one plain
+    success would carry (state key, config, fingerprint, the test clock), bound once."""
+    key = core.keys.all[0]
+    cfg = ModelConfig.parse(core.config.script_arg)
+    fp = core.config.fingerprint
+    calls = core.calls
+    plain = store.plain_success
+
+    def direct(generation: int) -> bool:
+        return plain(key, cfg, fp, generation, calls.clock_ms)
+
+    return direct

@@ -304,6 +304,21 @@ class BreakerModel:
         free = 1 if self.state == "half_open" and freed else -1
         return self._reply(counted, now, frm, 0, free, w), msgs
 
+    def plain_success(self, cfg: ModelConfig, now: int, generation: int, fp: str) -> bool:
+        """`record()` of one success without a lease, when plainly CLOSED at `generation`:
+        counted in the window, the failure streak ended, no transition (a success trips no
+        rule: the rate rules are judged on failures) and no message. False, with nothing
+        changed, when not plainly CLOSED there: the caller sends it through `record()`."""
+        if self.state != "closed" or self.forced or generation != self.gen or not self.exists:
+            return False
+        if cfg.count_window:
+            self.window.add_count(cfg, False, False)
+        else:
+            self.window.add_time(cfg, now, False, False)
+        self.cf = 0
+        self._save(now, fp)
+        return True
+
     def snapshot(self, cfg: ModelConfig, now: int) -> list[Any]:
         active = sum(1 for exp in self.probes.values() if now < exp <= now + MAX_LEASE_MS)
         free = max(cfg.half_open_max - active, 0) if self.state == "half_open" else -1

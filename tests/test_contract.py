@@ -498,3 +498,32 @@ def test_the_test_clock_is_public_checked_and_moves_open_periods() -> None:
     b.set_test_clock(None)
     assert b.test_clock is None
     b.close()
+
+
+def test_in_process_plain_successes_skip_the_script_protocol() -> None:
+    """An in-process breaker applies a plain success straight to the model: no script
+    call is built or run for it, and the window counts it exactly as record() would (the
+    rate rule then trips on the failure that reaches the threshold, not before)."""
+    store = MemoryStore()
+    runs: list[str] = []
+    real_run = store.run
+
+    def counting_run(call: Any, *a: Any, **kw: Any) -> Any:
+        runs.append(call.op)
+        return real_run(call, *a, **kw)
+
+    store.run = counting_run  # type: ignore[method-assign]
+    b = CircuitBreaker("svc", cfg(failure_threshold=100, minimum_calls=10,
+                                  failure_rate_threshold=0.5), redis=store)
+    b.set_test_clock(T0)
+    ok(b)  # the first one creates the state through the full path
+    runs.clear()
+    for _ in range(4):
+        ok(b)
+    assert runs == []
+    for _ in range(4):
+        fail(b)
+    assert runs == ["record"] * 4 and b.get_state() is CircuitState.CLOSED  # 4/9
+    fail(b)  # 5 of 10: the rate rule trips exactly here
+    assert b.get_state() is CircuitState.OPEN
+    b.close()

@@ -98,3 +98,54 @@ def test_one_message_per_transition() -> None:
     for _ in range(6):
         msgs += m.record(C, FP, "n", 0.5, 0, [(m.gen, 1, "", 0)])[1]
     assert msgs == ["v1 t closed open 1 10000 0 - - - n"]
+
+
+@pytest.mark.parametrize("count_window", [False, True])
+def test_plain_success_is_record_of_one_success(count_window: bool) -> None:
+    """The in-process store's shortcut for a plain success (`plain_success`) leaves the
+    model exactly as `record()` of the same success does, or refuses and changes nothing,
+    over random histories (codes, generations, overrides, time steps)."""
+    import copy
+    import random
+
+    cfg = C if not count_window else ModelConfig.parse(CircuitBreakerConfig(
+        failure_threshold=3, minimum_calls=4, failure_rate_threshold=0.5, window_size=6,
+        window_type="count", backoff_jitter=0.0).script_arg)
+    rng = random.Random(7)
+    applied = refused = 0
+    for _ in range(300):
+        m = BreakerModel()
+        t = 0
+        for _ in range(rng.randrange(0, 30)):
+            t += rng.choice((0, 1, 500, 3000, 11_000))
+            op = rng.random()
+            if op < 0.8:
+                m.record(cfg, FP, "n", 0.5, t, [(m.gen - (rng.random() < 0.1),
+                                                rng.choice((0, 0, 1, 2, 3)), "", 0)])
+            elif op < 0.9:
+                m.acquire(cfg, FP, "n", 0.5, t, f"l{t}")
+            else:
+                m.force(FP, "n", t, rng.choice(("open", "closed", "")))
+        t += rng.choice((0, 1, 999, 12_000))
+        gen = m.gen - (rng.random() < 0.2)
+        want = copy.deepcopy(m)
+        before = copy.deepcopy(m)
+        if m.plain_success(cfg, t, gen, FP):
+            applied += 1
+            reply, msgs = want.record(cfg, FP, "n", 0.5, t, [(gen, 0, "", 0)])
+            assert msgs == [] and reply == [1, gen, t]
+            assert m == want
+        else:
+            refused += 1
+            assert m == before
+    assert applied > 50 and refused > 50  # both sides exercised
+
+
+def test_plain_success_refuses_what_is_not_plainly_closed() -> None:
+    m = BreakerModel()
+    assert not m.plain_success(C, 0, 0, FP)  # no state yet: the full path creates it
+    m.record(C, FP, "n", 0.5, 0, [(0, 0, "", 0)])
+    assert m.plain_success(C, 1, 0, FP) and m.window.calls == 2
+    assert not m.plain_success(C, 2, 1, FP)  # another generation
+    m.force(FP, "n", 3, "closed")
+    assert not m.plain_success(C, 4, m.gen, FP)  # an override

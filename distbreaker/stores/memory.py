@@ -66,6 +66,19 @@ class MemoryStore:
                 cb(msg)
         return reply
 
+    def plain_success(self, key: str, cfg: ModelConfig, fp: str, generation: int,
+                      clock_ms: int | None) -> bool:
+        """One success of a call admitted while plainly CLOSED, applied straight to the
+        model of state key `key` (`BreakerModel.plain_success`) instead of through the
+        script protocol: the common call of an in-process breaker, without building and
+        parsing a script call. False: nothing applied, send the record call."""
+        with self._lock:
+            m = self._models.get(key)
+            if m is None:
+                return False
+            return m.plain_success(cfg, self._clock() if clock_ms is None else clock_ms,
+                                   generation, fp)
+
     def _seq(self, key: str) -> Callable[[], int]:
         c = self._seqs.get(key)
         if c is None:

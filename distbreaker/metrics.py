@@ -5,14 +5,19 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from array import array
 from collections.abc import Generator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 __all__ = ["HISTORY_SIZE", "CircuitBreakerMetrics", "FleetWindow", "RequestRecord"]
 
-_LAT_RING = 1024
 HISTORY_SIZE = 100
+# Latency samples for the mean and p95: the last 256 calls. Rings are arrays of doubles
+# and flag bytes that grow as calls come and stop at their size: a breaker with traffic
+# held 50 KB of float and tuple objects in lists (1,024 samples and 100 records), 3 KB now.
+_LAT_RING = 256
+_FAILED, _IGNORED, _SLOW, _TIMEOUT = 1, 2, 4, 8
 
 
 @dataclass(frozen=True)
@@ -123,7 +128,6 @@ class CircuitBreakerMetrics:
         return d
 
 
-_OUTCOME = {None: "ignored", True: "failure", False: "success"}
 _SEED_NAMES = {"total_requests": "total_calls", "successful_requests": "successful_calls",
                "failed_requests": "failed_calls"}
 _dataclass_init = CircuitBreakerMetrics.__init__
@@ -146,11 +150,11 @@ class Counters:
     """Thread-safe process-local counters with a bounded latency sample ring."""
 
     __slots__ = (
-        "_hi",
-        "_hist",
-        "_i",
+        "_at",
+        "_flags",
         "_lat",
         "_lock",
+        "_n",
         "_rejected",
         "batches",
         "failed",
@@ -168,13 +172,13 @@ class Counters:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._lat: list[float] = []
-        # (at, latency, failed, slow, timeout): RequestRecords are built when read. A ring
-        # in a list that grows as calls come (a deque takes a 64-slot block at once, and a
-        # process may hold 10,000 breakers that each see a few calls)
-        self._hist: list[tuple[float, float, bool | None, bool, bool]] = []
-        self._hi = 0  # the oldest entry once the ring is full
-        self._i = 0
+        # Call number c (of `_n` since the last clear) sits at c % size in each ring: the
+        # latency of the last _LAT_RING calls, and for the last HISTORY_SIZE their
+        # wall-clock time and outcome flags (RequestRecords are built when read).
+        self._lat = array("d")
+        self._at = array("d")
+        self._flags = bytearray()
+        self._n = 0
         self.total = self.successful = self.failed = 0
         self._rejected = itertools.count()
         self.slow = self.timeouts = self.ignored = self.stale = self.state_changes = 0
@@ -187,6 +191,8 @@ class Counters:
         next(self._rejected)  # atomic without the lock: this runs on every rejected call
 
     def outcome(self, failed: bool | None, duration: float, slow: bool, timeout: bool) -> None:
+        flags = ((_IGNORED if failed is None else _FAILED if failed else 0)
+                 | (_SLOW if slow else 0) | (_TIMEOUT if timeout else 0))
         with self._lock:
             self.total += 1
             if failed is None:
@@ -197,17 +203,19 @@ class Counters:
                 self.successful += 1
             self.slow += slow
             self.timeouts += timeout
-            rec = (time.time(), duration, failed, slow, timeout)
-            if len(self._hist) < HISTORY_SIZE:
-                self._hist.append(rec)
-            else:
-                self._hist[self._hi] = rec
-                self._hi = (self._hi + 1) % HISTORY_SIZE
-            if len(self._lat) < _LAT_RING:
+            n = self._n
+            if n < _LAT_RING:
                 self._lat.append(duration)
             else:
-                self._lat[self._i] = duration
-                self._i = (self._i + 1) % _LAT_RING
+                self._lat[n % _LAT_RING] = duration
+            if n < HISTORY_SIZE:
+                self._at.append(time.time())
+                self._flags.append(flags)
+            else:
+                h = n % HISTORY_SIZE
+                self._at[h] = time.time()
+                self._flags[h] = flags
+            self._n = n + 1
 
     @property
     def rejected(self) -> int:
@@ -224,21 +232,32 @@ class Counters:
             lat = sorted(self._lat)
             mean = sum(lat) / len(lat) if lat else 0.0
             p95 = lat[min(len(lat) - 1, int(0.95 * len(lat)))] if lat else 0.0
+            history = self._history()
             return CircuitBreakerMetrics(
                 name, state, self.total, self.successful, self.failed, self.rejected,
                 self.slow, self.timeouts, self.ignored, self.stale, self.state_changes,
                 self.probes, mean, p95, fleet, store_degraded, self.batches, pending,
                 self.lost, self.unshared, failovers, misconfigured,
-                tuple(RequestRecord(at, lat, _OUTCOME[failed], slow, timeout)
-                      for at, lat, failed, slow, timeout
-                      in self._hist[self._hi:] + self._hist[:self._hi]),
+                history,
             )
+
+    def _history(self) -> tuple[RequestRecord, ...]:
+        """The last HISTORY_SIZE calls, oldest first (under the lock)."""
+        m = len(self._at)
+        out = []
+        for c in range(self._n - m, self._n):
+            f = self._flags[c % HISTORY_SIZE]
+            outcome = "ignored" if f & _IGNORED else "failure" if f & _FAILED else "success"
+            out.append(RequestRecord(self._at[c % HISTORY_SIZE], self._lat[c % _LAT_RING],
+                                     outcome, bool(f & _SLOW), bool(f & _TIMEOUT)))
+        return tuple(out)
 
     def clear(self) -> None:
         with self._lock:
-            self._lat.clear()
-            self._hist.clear()
-            self._hi = self._i = 0
+            self._lat = array("d")
+            self._at = array("d")
+            self._flags = bytearray()
+            self._n = 0
             self.total = self.successful = self.failed = 0
             self._rejected = itertools.count()
             self.slow = self.timeouts = self.ignored = self.stale = self.state_changes = 0

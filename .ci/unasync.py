@@ -55,6 +55,7 @@ TOKENS: list[tuple[str, str]] = [
     (r"\b_aget\b", "_get"),
     (r"\baopen_reader\b", "open_reader"),
     (r"\b_arelease\b", "_release"),
+    (r"\b_awrite\b", "_write"),
     (r"\bAsyncHub\b", "ThreadHub"),
     (r"\bAsyncRedisStore\b", "RedisStore"),
     (r"\b__aenter__\b", "__enter__"),

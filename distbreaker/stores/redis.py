@@ -286,7 +286,7 @@ class RedisStore:
         out: list[Any] = []
         ok = False
         try:
-            conn.send_packed_command(payloads)
+            _write(conn, payloads)
             for _ in payloads:
                 try:
                     out.append(conn.read_response())
@@ -362,7 +362,7 @@ class RedisStore:
         sent = False
         ok = False
         try:
-            conn.send_packed_command([payload])
+            _write(conn, [payload])
             sent = True
             raw = conn.read_response()
             ok = True
@@ -507,7 +507,7 @@ class AsyncRedisStore:
         out: list[Any] = []
         ok = False
         try:
-            await conn.send_packed_command(payloads)
+            await _awrite(conn, payloads)
             for _ in payloads:
                 try:
                     out.append(await conn.read_response())
@@ -570,7 +570,7 @@ class AsyncRedisStore:
         sent = False
         ok = False
         try:
-            await conn.send_packed_command([payload])
+            await _awrite(conn, [payload])
             sent = True
             raw = await conn.read_response()
             ok = True
@@ -588,6 +588,27 @@ class AsyncRedisStore:
                 await idle.aput(conn)
             else:
                 await _arelease(idle.pool, conn)
+
+
+async def _awrite(conn: Any, payloads: list[bytes]) -> None:
+    """Write `payloads` on an asyncio connection. Straight into its transport when that
+    is connected and holds nothing unsent (the common case: the transport writes to the
+    socket at once and buffers any rest itself, and a few hundred bytes never reach its
+    high-water mark, so there is nothing to drain); otherwise redis-py's send, with its
+    connect, timeout and errors. redis-py wraps every send in `asyncio.wait_for` when the
+    client has a socket timeout, which on Python 3.11 is a task and two turns of the loop
+    per call."""
+    writer = getattr(conn, "_writer", None)  # redis-py has no public transport
+    if (writer is None or not conn.is_connected or writer.transport.is_closing()
+            or writer.transport.get_write_buffer_size()):
+        await conn.send_packed_command(payloads)
+        return
+    writer.writelines(payloads)
+
+
+def _write(conn: Any, payloads: list[bytes]) -> None:
+    """`_awrite`'s sync twin: redis-py's send (a blocking socket write)."""
+    conn.send_packed_command(payloads)
 
 
 PIPELINE_MAX = 1000  # calls per round trip

@@ -56,6 +56,7 @@ TOKENS: list[tuple[str, str]] = [
     (r"\baopen_reader\b", "open_reader"),
     (r"\b_arelease\b", "_release"),
     (r"\b_awrite\b", "_write"),
+    (r"\b_aread_replies\b", "_read_replies"),
     (r"\bAsyncHub\b", "ThreadHub"),
     (r"\bAsyncRedisStore\b", "RedisStore"),
     (r"\b__aenter__\b", "__enter__"),

@@ -25,8 +25,8 @@ from redis.exceptions import ResponseError
 
 from ._clients import pool_aget, pool_arelease, pool_get, pool_release, raw_capable
 
-__all__ = ["AsyncPubSubReader", "AsyncSocketReader", "Frames", "PubSubReader",
-           "SocketReader", "aopen_reader", "open_reader"]
+__all__ = ["AsyncPubSubReader", "AsyncSocketReader", "Frames", "PubSubReader", "ReplyError",
+           "ReplyParser", "SocketReader", "aopen_reader", "open_reader"]
 
 Item = tuple[str, Any]
 
@@ -91,6 +91,41 @@ class _Error:
 
     def __init__(self, text: str) -> None:
         self.text = text
+
+
+class ReplyError(str):
+    """The text of an error reply (`ReplyParser`), for the caller to raise as it wants."""
+
+
+class ReplyParser:
+    """Whole RESP2 replies from a byte stream (sans I/O), as redis-py returns them without
+    decoding: bytes, int, None, lists of those; an error reply as a `ReplyError`. For the
+    replies of a pipeline, parsed from a few reads instead of a read and a parse per line
+    of every reply (redis-py's async parser awaits each line). Bytes that are not RESP
+    raise ConnectionError."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an unfinished reply."""
+        return len(self._buf)
+
+    def feed(self, data: bytes, out: list[Any]) -> None:
+        """Append to `out` every reply `data` completes."""
+        buf = self._buf + data if self._buf else data
+        pos, n = 0, len(buf)
+        try:
+            while pos < n:
+                value, p = _element(buf, pos, n)
+                if value is _INCOMPLETE:
+                    break
+                out.append(ReplyError(value.text) if isinstance(value, _Error) else value)
+                pos = p
+        except (ValueError, IndexError) as e:
+            raise RedisConnectionError(f"not a reply: {buf[pos:pos + 60]!r}") from e
+        self._buf = buf[pos:]
 
 
 def _element(buf: bytes, pos: int, n: int) -> tuple[Any, int]:

@@ -35,6 +35,7 @@ from .._clients import pool_release as _release
 from .._clients import raw_capable as _raw_capable
 from .._process import PROCESS
 from .._protocol import ScriptCall
+from .._subscriber import ReplyError, ReplyParser
 from ._scripts import OPS, ScriptSet, function_library, function_name, script_source
 
 __all__ = ["AsyncRedisStore", "RedisStore"]
@@ -287,11 +288,7 @@ class RedisStore:
         ok = False
         try:
             _write(conn, payloads)
-            for _ in payloads:
-                try:
-                    out.append(conn.read_response())
-                except redis.ResponseError as e:  # one call's error reply, read in full
-                    out.append(e)
+            _read_replies(conn, len(payloads), out)
             ok = True
         except Exception as e:
             conn.disconnect()  # replies may still be unread: never reuse this connection
@@ -508,11 +505,7 @@ class AsyncRedisStore:
         ok = False
         try:
             await _awrite(conn, payloads)
-            for _ in payloads:
-                try:
-                    out.append(await conn.read_response())
-                except redis.ResponseError as e:  # one call's error reply, read in full
-                    out.append(e)
+            await _aread_replies(conn, len(payloads), out)
             ok = True
         except Exception as e:
             await conn.disconnect()  # replies may still be unread: never reuse this connection
@@ -609,6 +602,83 @@ async def _awrite(conn: Any, payloads: list[bytes]) -> None:
 def _write(conn: Any, payloads: list[bytes]) -> None:
     """`_awrite`'s sync twin: redis-py's send (a blocking socket write)."""
     conn.send_packed_command(payloads)
+
+
+_CHUNK = 1 << 16
+
+
+async def _aread_replies(conn: Any, n: int, out: list[Any]) -> None:
+    """Read `n` replies on an asyncio connection into `out` (an error reply as the
+    exception redis-py makes of it), each read waiting at most the socket timeout: the
+    stream's bytes in bulk, parsed by `ReplyParser`. A failure leaves in `out` the
+    replies read before it."""
+    reader = getattr(conn, "_reader", None)  # redis-py has no public stream
+    if reader is None:
+        for _ in range(n):
+            try:
+                out.append(await conn.read_response())
+            except redis.ResponseError as e:  # one call's error reply, read in full
+                out.append(e)
+        return
+    parser, want, timeout = ReplyParser(), len(out) + n, conn.socket_timeout
+    while len(out) < want:
+        try:
+            data = await (asyncio.wait_for(reader.read(_CHUNK), timeout) if timeout
+                          else reader.read(_CHUNK))
+        except asyncio.TimeoutError:
+            raise redis.TimeoutError("Timeout reading from socket") from None
+        except OSError as e:
+            raise redis.ConnectionError(f"Error while reading from the socket: {e}") from e
+        if not data:
+            raise redis.ConnectionError("Connection closed by server.")
+        _parsed(conn, parser, data, out, want)
+
+
+def _read_replies(conn: Any, n: int, out: list[Any]) -> None:
+    """`_aread_replies`'s sync twin, on the connection's socket."""
+    sock = getattr(conn, "_sock", None)  # redis-py has no public socket
+    if sock is None:
+        for _ in range(n):
+            try:
+                out.append(conn.read_response())
+            except redis.ResponseError as e:
+                out.append(e)
+        return
+    parser, want = ReplyParser(), len(out) + n
+    while len(out) < want:
+        try:
+            data = sock.recv(_CHUNK)
+        except TimeoutError:
+            raise redis.TimeoutError("Timeout reading from socket") from None
+        except OSError as e:
+            raise redis.ConnectionError(f"Error while reading from the socket: {e}") from e
+        if not data:
+            raise redis.ConnectionError("Connection closed by server.")
+        _parsed(conn, parser, data, out, want)
+
+
+def _parsed(conn: Any, parser: ReplyParser, data: bytes, out: list[Any], want: int) -> None:
+    start = len(out)
+    parser.feed(data, out)
+    for i in range(start, len(out)):
+        if isinstance(out[i], ReplyError):
+            out[i] = _reply_error(conn, out[i])
+    if len(out) > want or (len(out) == want and parser.pending):
+        raise redis.ConnectionError("bytes after the replies of a pipeline")
+
+
+def _reply_error(conn: Any, text: str) -> BaseException:
+    """The exception redis-py's parser makes of an error reply (NoScriptError,
+    NoPermissionError, ReadOnlyError, ...)."""
+    parse = getattr(getattr(conn, "_parser", None), "parse_error", None)
+    if parse is not None:
+        try:
+            e = parse(text)
+            if isinstance(e, BaseException):
+                return e
+        except Exception:
+            pass
+    return redis.ResponseError(text)
 
 
 PIPELINE_MAX = 1000  # calls per round trip

@@ -836,3 +836,63 @@ async def test_async_pipeline_timed_out_asks_redis_once_not_once_per_breaker(
         await c.aclose()
         proxy.stop()
         server.stop()
+
+
+@pytest.mark.parametrize("kind", ["sync", "asyncio"])
+def test_a_pipeline_of_error_replies_reloads_and_applies_each_outcome_once(
+        kind: str, redis_server: RedisServer) -> None:
+    """FUNCTION FLUSH between two passes of the writer: every reply of the next pipeline
+    is an error ("Function not found"), read from the bulk of the stream like any reply;
+    the library is loaded once and the batches sent again, each applied exactly once."""
+    admin = redis_server.client()
+    names = [name() for _ in range(40)]
+    cfg = CircuitBreakerConfig(**BATCHED)
+
+    def flushed() -> None:
+        admin.function_flush()
+        admin.script_flush()
+        admin.config_resetstat()
+
+    def check() -> None:
+        for x in names:
+            assert window(admin, x).get("c") == "2", (x, window(admin, x))
+        stats = admin.info("commandstats")
+        # every batch met the error (none ran before the library was back), and the
+        # reloads were few: one per pipeline, not one per breaker
+        assert stats["cmdstat_fcall"]["calls"] >= 2 * len(names), stats["cmdstat_fcall"]
+        assert 1 <= stats["cmdstat_function|load"]["calls"] <= 3, stats
+
+    if kind == "sync":
+        c = redis.Redis(port=redis_server.port)
+        bs = [CircuitBreaker(x, cfg, redis=c) for x in names]
+        for b in bs:
+            b.call(ok)
+            assert b.flush(5)
+        flushed()
+        for b in bs:
+            b.call(ok)
+        assert all(b.flush(10) for b in bs)
+        check()
+        assert all(b.get_metrics().lost_outcomes == 0 for b in bs)
+        for b in bs:
+            b.close()
+        c.close()
+        return
+
+    async def run() -> None:
+        c = aredis.Redis(port=redis_server.port)
+        bs = [AsyncCircuitBreaker(x, cfg, redis=c) for x in names]
+        for b in bs:
+            await b.call(_aok)
+            assert await b.flush(5)
+        flushed()
+        await asyncio.gather(*(b.call(_aok) for b in bs))
+        for b in bs:
+            assert await b.flush(10)
+        check()
+        assert all(b.get_metrics().lost_outcomes == 0 for b in bs)
+        for b in bs:
+            await b.close()
+        await c.aclose()
+
+    asyncio.run(run())

@@ -204,3 +204,36 @@ def test_the_asyncio_reader_on_a_real_server(server: RedisServer) -> None:
             await r.aclose()
 
     asyncio.run(go())
+
+
+def test_reply_parser_reads_a_pipeline_fed_in_any_pieces() -> None:
+    """The replies of a pipeline, as Redis sends them, fed whole or one byte at a time:
+    the same values as redis-py's parser returns (bytes, int, None, nested lists), an
+    error reply as its text, and nothing before a reply is whole."""
+    from distbreaker._subscriber import ReplyError, ReplyParser
+
+    wire = (b"*3\r\n:1\r\n:7\r\n:1700000000000\r\n"
+            b"-NOSCRIPT No matching script.\r\n"
+            b"*4\r\n$5\r\nclose\r\n$-1\r\n*2\r\n:0\r\n$0\r\n\r\n+OK\r\n"
+            b":-3\r\n")
+    want = [[1, 7, 1700000000000], "NOSCRIPT No matching script.",
+            [b"close", None, [0, b""], b"OK"], -3]
+    whole: list[object] = []
+    ReplyParser().feed(wire, whole)
+    assert whole == want and isinstance(whole[1], ReplyError)
+    p, pieces = ReplyParser(), []
+    for i in range(len(wire)):
+        p.feed(wire[i:i + 1], pieces)
+        assert len(pieces) <= len(want)
+    assert pieces == want and p.pending == 0
+    partial: list[object] = []
+    q = ReplyParser()
+    q.feed(wire[:10], partial)
+    assert partial == [] and q.pending == 10
+
+
+def test_reply_parser_refuses_bytes_that_are_not_resp() -> None:
+    from distbreaker._subscriber import ReplyParser
+
+    with pytest.raises(redis.ConnectionError, match="not a reply"):
+        ReplyParser().feed(b"HTTP/1.1 400 Bad Request\r\n", [])

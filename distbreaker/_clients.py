@@ -198,7 +198,9 @@ def derive_client(client: Any, timeout: float, connect_timeout: float | None = N
                 log.warning("distbreaker: could not derive a short-timeout Cluster client "
                             "(%s); using yours as it is: set socket_timeout on it", e)
         return client
-    is_async = type(client).__module__.startswith("redis.asyncio")
+    # by the pool: fakeredis's asyncio client lives in another module
+    is_async = (isinstance(pool, redis.asyncio.ConnectionPool)
+                or type(client).__module__.startswith("redis.asyncio"))
     if is_async:
         from redis.asyncio.retry import Retry as _Retry
     else:

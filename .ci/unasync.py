@@ -57,6 +57,7 @@ TOKENS: list[tuple[str, str]] = [
     (r"\b_arelease\b", "_release"),
     (r"\b_awrite\b", "_write"),
     (r"\b_aread_replies\b", "_read_replies"),
+    (r"\b_aread_reply\b", "_read_reply"),
     (r"\bAsyncHub\b", "ThreadHub"),
     (r"\bAsyncRedisStore\b", "RedisStore"),
     (r"\b__aenter__\b", "__enter__"),

@@ -361,7 +361,7 @@ class RedisStore:
         try:
             _write(conn, [payload])
             sent = True
-            raw = conn.read_response()
+            raw = _read_reply(conn)
             ok = True
             return raw
         except redis.ResponseError:
@@ -565,7 +565,7 @@ class AsyncRedisStore:
         try:
             await _awrite(conn, [payload])
             sent = True
-            raw = await conn.read_response()
+            raw = await _aread_reply(conn)
             ok = True
             return raw
         except redis.ResponseError:
@@ -623,15 +623,45 @@ async def _aread_replies(conn: Any, n: int, out: list[Any]) -> None:
     parser, want, timeout = ReplyParser(), len(out) + n, conn.socket_timeout
     while len(out) < want:
         try:
-            data = await (asyncio.wait_for(reader.read(_CHUNK), timeout) if timeout
-                          else reader.read(_CHUNK))
-        except asyncio.TimeoutError:
+            data = await _aread_chunk(reader, timeout)
+        except (asyncio.TimeoutError, TimeoutError):
             raise redis.TimeoutError("Timeout reading from socket") from None
         except OSError as e:
             raise redis.ConnectionError(f"Error while reading from the socket: {e}") from e
         if not data:
             raise redis.ConnectionError("Connection closed by server.")
         _parsed(conn, parser, data, out, want)
+
+
+_timeout: Any = getattr(asyncio, "timeout", None)  # Python 3.11+: a timer, not a task
+
+
+async def _aread_chunk(reader: asyncio.StreamReader, timeout: float | None) -> bytes:
+    """What the stream holds (or its next bytes), waiting at most `timeout`."""
+    if not timeout:
+        return await reader.read(_CHUNK)
+    if _timeout is not None:
+        async with _timeout(timeout):
+            return await reader.read(_CHUNK)
+    return await asyncio.wait_for(reader.read(_CHUNK), timeout)  # Python 3.10
+
+
+async def _aread_reply(conn: Any) -> Any:
+    """One reply (`_aread_replies`); an error reply raises."""
+    out: list[Any] = []
+    await _aread_replies(conn, 1, out)
+    if isinstance(out[0], BaseException):
+        raise out[0]
+    return out[0]
+
+
+def _read_reply(conn: Any) -> Any:
+    """`_aread_reply`'s sync twin."""
+    out: list[Any] = []
+    _read_replies(conn, 1, out)
+    if isinstance(out[0], BaseException):
+        raise out[0]
+    return out[0]
 
 
 def _read_replies(conn: Any, n: int, out: list[Any]) -> None:
@@ -658,11 +688,18 @@ def _read_replies(conn: Any, n: int, out: list[Any]) -> None:
 
 
 def _parsed(conn: Any, parser: ReplyParser, data: bytes, out: list[Any], want: int) -> None:
+    """Parse `data` into `out`. An error reply becomes the exception redis-py makes of it,
+    in `out` when it is a ResponseError (one call's error; the rest go on), raised when it
+    is not (LOADING is a ConnectionError: redis-py raises it, and so do we)."""
     start = len(out)
     parser.feed(data, out)
     for i in range(start, len(out)):
         if isinstance(out[i], ReplyError):
-            out[i] = _reply_error(conn, out[i])
+            e = _reply_error(conn, out[i])
+            if not isinstance(e, redis.ResponseError):
+                del out[i:]
+                raise e
+            out[i] = e
     if len(out) > want or (len(out) == want and parser.pending):
         raise redis.ConnectionError("bytes after the replies of a pipeline")
 

@@ -142,9 +142,13 @@ def _element(buf: bytes, pos: int, n: int) -> tuple[Any, int]:
         end = e + 2 + size
         if end + 2 > n:
             return _INCOMPLETE, pos
+        if buf[end:end + 2] != b"\r\n":
+            raise ValueError("a bulk string longer than its length says")
         return buf[e + 2:end], end + 2
     if t in (42, 62):  # * array, > push
         count = int(line)
+        if count < 0:
+            return None, e + 2  # a null array, as redis-py reads it
         items: list[Any] = []
         p = e + 2
         for _ in range(max(count, 0)):

@@ -18,6 +18,7 @@ HISTORY_SIZE = 100
 # held 50 KB of float and tuple objects in lists (1,024 samples and 100 records), 3 KB now.
 _LAT_RING = 256
 _FAILED, _IGNORED, _SLOW, _TIMEOUT = 1, 2, 4, 8
+assert _LAT_RING >= HISTORY_SIZE  # a record's latency is read from the latency ring
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,12 @@ class Counters:
 
     def after_fork(self) -> None:
         self._lock = threading.Lock()  # the parent may have held it while forking
+        # a fork in the middle of `outcome` may have appended to some rings and not
+        # counted the call: cut each back to what `_n` says
+        n = self._n
+        del self._lat[min(n, _LAT_RING):]
+        del self._at[min(n, HISTORY_SIZE):]
+        del self._flags[min(n, HISTORY_SIZE):]
 
     def reject(self) -> None:
         next(self._rejected)  # atomic without the lock: this runs on every rejected call

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -160,3 +161,98 @@ def test_more_requests_in_flight_than_redis_py_s_default_cap(server: RedisServer
             await b.close()
 
     asyncio.run(go())
+
+
+# -- the bulk reply reader of pipelines (stores.redis._read_replies and its asyncio twin) ---
+
+
+def _sync_conn(data: bytes, close: bool = False) -> tuple[redis.Connection, Any]:
+    """A redis-py connection whose socket holds `data` from the "server" (the other end
+    of a socket pair, closed after it when `close`)."""
+    import socket
+
+    ours, theirs = socket.socketpair()
+    ours.settimeout(1.0)
+    theirs.sendall(data)
+    if close:
+        theirs.close()
+    conn = redis.Connection()
+    conn._sock = ours  # the reader's only use of it: recv on the socket
+    return conn, theirs
+
+
+def _aread(data: bytes, n: int, out: list[Any], close: bool = False,
+           timeout: float | None = None) -> None:
+    """`_aread_replies` on an asyncio connection whose stream holds `data` (and then
+    ends, when `close`)."""
+    from distbreaker.stores.redis import _aread_replies
+
+    async def run() -> None:
+        conn = aredis.Connection(socket_timeout=timeout)
+        reader = asyncio.StreamReader()
+        reader.feed_data(data)
+        if close:
+            reader.feed_eof()
+        conn._reader = reader
+        await _aread_replies(conn, n, out)
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("kind", ["sync", "asyncio"])
+def test_bulk_replies_keep_redis_pys_exception_classes(kind: str) -> None:
+    """A pipeline's error replies become what redis-py makes of them: one call's
+    ResponseError (NoScriptError here) stays that call's result, and the pipeline goes
+    on; LOADING, which redis-py raises as a connection error, is raised, with the replies
+    before it kept."""
+    from distbreaker.stores.redis import _read_replies
+
+    wire = b":1\r\n-NOSCRIPT No matching script.\r\n:3\r\n-LOADING Redis is loading\r\n:5\r\n"
+    out: list[Any] = []
+    with pytest.raises(redis.BusyLoadingError):
+        if kind == "sync":
+            _read_replies(_sync_conn(wire)[0], 5, out)
+        else:
+            _aread(wire, 5, out)
+    assert out[0] == 1 and isinstance(out[1], redis.exceptions.NoScriptError)
+    assert out[2] == 3 and len(out) == 3
+
+
+@pytest.mark.parametrize("kind", ["sync", "asyncio"])
+def test_bulk_replies_out_of_step_are_all_dropped(kind: str) -> None:
+    """More bytes than the replies asked for: the connection is out of step with its
+    requests, so none of the replies read is handed out as a call's."""
+    from distbreaker.stores.redis import _read_replies
+
+    out: list[Any] = ["an earlier result"]
+    with pytest.raises(redis.ConnectionError, match="bytes after the replies"):
+        if kind == "sync":
+            _read_replies(_sync_conn(b":1\r\n:2\r\n")[0], 1, out)
+        else:
+            _aread(b":1\r\n:2\r\n", 1, out)
+    assert out == ["an earlier result"]
+
+
+@pytest.mark.parametrize("kind", ["sync", "asyncio"])
+def test_bulk_replies_cut_by_a_closed_connection_keep_what_came(kind: str) -> None:
+    from distbreaker.stores.redis import _read_replies
+
+    out: list[Any] = []
+    with pytest.raises(redis.ConnectionError, match="closed by server"):
+        if kind == "sync":
+            conn, _peer = _sync_conn(b":1\r\n*2\r\n:7\r\n", close=True)
+            _read_replies(conn, 3, out)
+        else:
+            _aread(b":1\r\n*2\r\n:7\r\n", 3, out, close=True)
+    assert out == [1]
+
+
+def test_bulk_replies_time_out_as_redis_timeouts() -> None:
+    from distbreaker.stores.redis import _read_replies
+
+    conn, _peer = _sync_conn(b":1\r\n")
+    conn._sock.settimeout(0.05)
+    with pytest.raises(redis.TimeoutError):
+        _read_replies(conn, 2, [])
+    with pytest.raises(redis.TimeoutError):
+        _aread(b":1\r\n", 2, [], timeout=0.05)

@@ -62,3 +62,19 @@ def test_a_busy_breaker_holds_kilobytes_not_tens_of_them() -> None:
                 if "distbreaker" in x.traceback[0].filename)
     assert grown < 4096, grown
     b.close()
+
+
+def test_a_fork_in_the_middle_of_an_outcome_leaves_rings_that_read() -> None:
+    """A child forked while another thread was inside `outcome` inherits rings appended
+    to but a call not counted; after the fork hook they agree again and read."""
+    c = Counters()
+    for k in range(5):
+        c.outcome(False, float(k), False, False)
+    c._lat.append(99.0)  # the parent's thread stopped here, halfway through a sixth
+    c._at.append(0.0)
+    c.after_fork()
+    m = c.view("x", "closed", None)
+    assert [r.latency_s for r in m.request_history] == [0.0, 1.0, 2.0, 3.0, 4.0]
+    c.outcome(True, 5.0, False, False)
+    hist = c.view("x", "closed", None).request_history
+    assert [r.latency_s for r in hist][-1] == 5.0 and hist[-1].outcome == "failure"

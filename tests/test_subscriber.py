@@ -237,3 +237,13 @@ def test_reply_parser_refuses_bytes_that_are_not_resp() -> None:
 
     with pytest.raises(redis.ConnectionError, match="not a reply"):
         ReplyParser().feed(b"HTTP/1.1 400 Bad Request\r\n", [])
+
+
+def test_reply_parser_reads_null_arrays_and_checks_bulk_lengths() -> None:
+    from distbreaker._subscriber import ReplyParser
+
+    out: list[object] = []
+    ReplyParser().feed(b"*-1\r\n$-1\r\n", out)
+    assert out == [None, None]  # as redis-py reads them
+    with pytest.raises(redis.ConnectionError, match="not a reply"):
+        ReplyParser().feed(b"$3\r\nabcXY\r\n", [])

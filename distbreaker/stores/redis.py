@@ -585,15 +585,17 @@ class AsyncRedisStore:
 
 async def _awrite(conn: Any, payloads: list[bytes]) -> None:
     """Write `payloads` on an asyncio connection. Straight into its transport when that
-    is connected and holds nothing unsent (the common case: the transport writes to the
-    socket at once and buffers any rest itself, and a few hundred bytes never reach its
-    high-water mark, so there is nothing to drain); otherwise redis-py's send, with its
-    connect, timeout and errors. redis-py wraps every send in `asyncio.wait_for` when the
-    client has a socket timeout, which on Python 3.11 is a task and two turns of the loop
-    per call."""
+    is connected, holds nothing unsent and no health check is due (the common case: the
+    transport writes to the socket at once and buffers any rest itself; a connection
+    carries one request or pipeline at a time and the next write follows reading its
+    replies, and a write that finds bytes still buffered, a pipeline past the transport's
+    high-water mark say, goes through redis-py's send and its drain); otherwise redis-py's
+    send, with its connect, health check, timeout and errors. redis-py wraps every send in
+    `asyncio.wait_for` when the client has a socket timeout, which on Python 3.11 is a task
+    and two turns of the loop per call."""
     writer = getattr(conn, "_writer", None)  # redis-py has no public transport
     if (writer is None or not conn.is_connected or writer.transport.is_closing()
-            or writer.transport.get_write_buffer_size()):
+            or writer.transport.get_write_buffer_size() or conn.health_check_interval):
         await conn.send_packed_command(payloads)
         return
     writer.writelines(payloads)
@@ -630,7 +632,7 @@ async def _aread_replies(conn: Any, n: int, out: list[Any]) -> None:
             raise redis.ConnectionError(f"Error while reading from the socket: {e}") from e
         if not data:
             raise redis.ConnectionError("Connection closed by server.")
-        _parsed(conn, parser, data, out, want)
+        _parsed(conn, parser, data, out, want - n, want)
 
 
 _timeout: Any = getattr(asyncio, "timeout", None)  # Python 3.11+: a timer, not a task
@@ -684,10 +686,11 @@ def _read_replies(conn: Any, n: int, out: list[Any]) -> None:
             raise redis.ConnectionError(f"Error while reading from the socket: {e}") from e
         if not data:
             raise redis.ConnectionError("Connection closed by server.")
-        _parsed(conn, parser, data, out, want)
+        _parsed(conn, parser, data, out, want - n, want)
 
 
-def _parsed(conn: Any, parser: ReplyParser, data: bytes, out: list[Any], want: int) -> None:
+def _parsed(conn: Any, parser: ReplyParser, data: bytes, out: list[Any], first: int,
+            want: int) -> None:
     """Parse `data` into `out`. An error reply becomes the exception redis-py makes of it,
     in `out` when it is a ResponseError (one call's error; the rest go on), raised when it
     is not (LOADING is a ConnectionError: redis-py raises it, and so do we)."""
@@ -701,6 +704,8 @@ def _parsed(conn: Any, parser: ReplyParser, data: bytes, out: list[Any], want: i
                 raise e
             out[i] = e
     if len(out) > want or (len(out) == want and parser.pending):
+        # out of step with the requests: no reply read here can be trusted to be theirs
+        del out[first:]
         raise redis.ConnectionError("bytes after the replies of a pipeline")
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import fakeredis
 import pytest
+import redis
 import redis.asyncio as aioredis
 from fake import fake_server
 
@@ -56,6 +57,7 @@ async def amake(request: pytest.FixtureRequest) -> AsyncIterator[Factory]:
         made.append(b)
         return b
 
+    factory.kind = request.param  # type: ignore[attr-defined]
     yield factory
     for b in made:
         await b.close()
@@ -234,23 +236,30 @@ async def test_cancelled_during_acquire_gives_the_lease_back(amake: Factory) -> 
             await a.call(boom)
     await at(10_000, a, b)
     gate = asyncio.Event()
-    real_run = a._store.run
+    if amake.kind == "redis":  # type: ignore[attr-defined]
+        # a real late reply: Redis holds the acquire (a write) for 300 ms, and the
+        # request, written at once, is read in the caller's task until it is cancelled
+        admin = redis.Redis(port=a._store.client.connection_pool.connection_kwargs["port"])
+        admin.client_pause(300, all=False)
+        admin.close()
+    else:
+        real_run = a._store.run
 
-    async def slow_run(call: Any) -> Any:
-        if call.op == "acquire":
-            raw = await real_run(call)  # the lease is granted in the store...
-            await gate.wait()  # ...but the reply is late
-            return raw
-        return await real_run(call)
+        async def slow_run(call: Any) -> Any:
+            if call.op == "acquire":
+                raw = await real_run(call)  # the lease is granted in the store...
+                await gate.wait()  # ...but the reply is late
+                return raw
+            return await real_run(call)
 
-    a._store.run = slow_run  # type: ignore[method-assign]
+        a._store.run = slow_run  # type: ignore[method-assign]
     task = asyncio.create_task(a.call(one))
     await asyncio.sleep(0.05)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     gate.set()
-    for _ in range(50):  # the reply lands, the lease goes back
+    for _ in range(100):  # the reply lands, the lease goes back
         await asyncio.sleep(0.01)
         if not a._engine.background:
             break
@@ -267,3 +276,28 @@ async def test_two_step_admit_finish(amake: Factory) -> None:
     await b.finish(p)
     m = await b.get_metrics()
     assert (m.failed_calls, m.ignored_calls) == (1, 1)
+
+
+async def test_strict_call_after_function_flush_loads_once_and_counts_once(
+        redis_client: redis.Redis) -> None:
+    """A request written at once whose reply says the library is gone (FUNCTION FLUSH,
+    SCRIPT FLUSH, a restart without persistence): it did not run, so it is loaded and
+    sent again, and the outcome is counted once."""
+    port = redis_client.connection_pool.connection_kwargs["port"]
+    c = aioredis.Redis(port=port)
+    b = AsyncCircuitBreaker("aflush", cfg(), redis=c)
+    try:
+        for _ in range(3):
+            assert await b.call(one) == 1
+        redis_client.function_flush()
+        redis_client.script_flush()
+        redis_client.config_resetstat()
+        assert await b.call(one) == 1
+        stats = redis_client.info("commandstats")
+        assert stats["cmdstat_function|load"]["calls"] == 1
+        w = redis_client.hgetall("distbreaker:v1:{aflush}:window")
+        assert w[b"c"] == b"4", w
+        assert b.get_metrics().store_failovers == 0
+    finally:
+        await b.close()
+        await c.aclose()

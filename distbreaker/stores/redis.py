@@ -446,29 +446,6 @@ class AsyncRedisStore:
     async def run(self, call: ScriptCall) -> Any:
         return await self.run_blocking(call)
 
-    def send_now(self, call: ScriptCall) -> Exchange | None:
-        """Start `call` without awaiting: on an idle connection that is ready, written into
-        its transport at once. The caller awaits `Exchange.reply` itself, without a task
-        between (two turns of the loop a call instead of four). None: no such connection
-        here now (none idle, a Cluster or other client, Python 3.10): use `run`."""
-        idle = self._idle
-        packer = self._packer
-        if (packer is None or _timeout is None or idle is None
-                or idle.pool is not self.client.connection_pool):
-            return None
-        conn = idle.ready()
-        if conn is None:
-            return None
-        writer = getattr(conn, "_writer", None)  # redis-py has no public transport
-        reader = getattr(conn, "_reader", None)
-        if (writer is None or reader is None or not conn.is_connected
-                or writer.transport.is_closing() or writer.transport.get_write_buffer_size()
-                or conn.health_check_interval):
-            idle.put(conn)
-            return None
-        writer.write(packer.pack(call))
-        return Exchange(packer, idle, conn, reader)
-
     async def alive(self, timeout: float) -> bool:
         """See `RedisStore.alive`."""
         try:
@@ -604,69 +581,6 @@ class AsyncRedisStore:
                 await idle.aput(conn)
             else:
                 await _arelease(idle.pool, conn)
-
-
-class Exchange:
-    """One request written by `AsyncRedisStore.send_now`, and its reply. `reply(wait)`
-    reads it in the caller's own task; when the caller stops waiting (no reply within
-    `wait`) or is cancelled, `finish` reads the rest in a background task, from the bytes
-    already parsed: the reply is read once and applied once, as when the request ran in a
-    task of its own."""
-
-    __slots__ = ("_conn", "_idle", "_out", "_packer", "_parser", "_reader")
-
-    def __init__(self, packer: _Packer, idle: Any, conn: Any,
-                 reader: asyncio.StreamReader) -> None:
-        self._packer = packer
-        self._idle = idle
-        self._conn = conn
-        self._reader = reader
-        self._parser = ReplyParser()
-        self._out: list[Any] = []
-
-    async def reply(self, wait: float) -> Any:
-        """The reply within `wait` seconds; raises TimeoutError without one (the request
-        is still in flight: `finish` it), the error of an error reply, or what a broken
-        connection raises (marked sent)."""
-        async with _timeout(wait):
-            return await self._read()
-
-    async def _read(self) -> Any:
-        out, conn = self._out, self._conn
-        try:
-            while not out:
-                data = await self._reader.read(_CHUNK)
-                if not data:
-                    raise redis.ConnectionError("Connection closed by server.")
-                _parsed(conn, self._parser, data, out, 0, 1)
-        except asyncio.CancelledError:
-            raise  # a timeout or the caller's cancel: nothing was consumed, finish() reads on
-        except BaseException as e:
-            _mark(e, True)
-            await conn.disconnect()
-            await _arelease(self._idle.pool, conn)
-            raise
-        self._idle.put(conn)
-        if isinstance(out[0], BaseException):
-            raise out[0]  # an error reply, read in full: the connection is fine
-        return out[0]
-
-    def needs_load(self, e: BaseException, op: str) -> bool:
-        """Whether error reply `e` says the server has not loaded our code: the request
-        did not run, and `AsyncRedisStore.run` loads it and sends it again."""
-        return isinstance(e, redis.ResponseError) and self._packer.reload_for(e, op) is not None
-
-    async def finish(self, deadline: float) -> Any:
-        """Read the rest of the reply by `deadline` (monotonic), in a background task."""
-        left = deadline - time.monotonic()
-        try:
-            async with _timeout(max(left, 0.0)):
-                return await self._read()
-        except TimeoutError:
-            conn = self._conn
-            await conn.disconnect()
-            await _arelease(self._idle.pool, conn)
-            raise redis.TimeoutError("no reply within redis_background_timeout") from None
 
 
 async def _awrite(conn: Any, payloads: list[bytes]) -> None:

@@ -256,3 +256,22 @@ def test_bulk_replies_time_out_as_redis_timeouts() -> None:
         _read_replies(conn, 2, [])
     with pytest.raises(redis.TimeoutError):
         _aread(b":1\r\n", 2, [], timeout=0.05)
+
+
+def test_bulk_replies_tell_an_os_timeout_from_a_slow_reply() -> None:
+    """ETIMEDOUT from the OS (keepalive, TCP_USER_TIMEOUT) means a dead connection, as
+    redis-py reads it, not a slow reply: a ConnectionError, not a TimeoutError."""
+    import errno
+
+    from distbreaker.stores.redis import _aread_replies
+
+    async def run() -> None:
+        conn = aredis.Connection(socket_timeout=1.0)
+        reader = asyncio.StreamReader()
+        reader.set_exception(TimeoutError(errno.ETIMEDOUT, "Connection timed out"))
+        conn._reader = reader
+        await _aread_replies(conn, 1, [])
+
+    with pytest.raises(redis.ConnectionError) as ei:
+        asyncio.run(run())
+    assert not isinstance(ei.value, redis.TimeoutError)

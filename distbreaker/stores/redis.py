@@ -626,8 +626,8 @@ async def _aread_replies(conn: Any, n: int, out: list[Any]) -> None:
     while len(out) < want:
         try:
             data = await _aread_chunk(reader, timeout)
-        except (asyncio.TimeoutError, TimeoutError):
-            raise redis.TimeoutError("Timeout reading from socket") from None
+        except (asyncio.TimeoutError, TimeoutError) as e:
+            raise _timed_out(e) from None
         except OSError as e:
             raise redis.ConnectionError(f"Error while reading from the socket: {e}") from e
         if not data:
@@ -680,13 +680,21 @@ def _read_replies(conn: Any, n: int, out: list[Any]) -> None:
     while len(out) < want:
         try:
             data = sock.recv(_CHUNK)
-        except TimeoutError:
-            raise redis.TimeoutError("Timeout reading from socket") from None
+        except TimeoutError as e:
+            raise _timed_out(e) from None
         except OSError as e:
             raise redis.ConnectionError(f"Error while reading from the socket: {e}") from e
         if not data:
             raise redis.ConnectionError("Connection closed by server.")
         _parsed(conn, parser, data, out, want - n, want)
+
+
+def _timed_out(e: BaseException) -> BaseException:
+    """Our wait ran out (redis's TimeoutError: slow, not down), or the OS says ETIMEDOUT
+    (keepalive, TCP_USER_TIMEOUT: the connection is dead, as redis-py reads it)."""
+    if getattr(e, "errno", None):
+        return redis.ConnectionError(f"Error while reading from the socket: {e}")
+    return redis.TimeoutError("Timeout reading from socket")
 
 
 def _parsed(conn: Any, parser: ReplyParser, data: bytes, out: list[Any], first: int,

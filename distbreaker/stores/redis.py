@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import sys
 import time
 import weakref
 from collections.abc import Awaitable, Callable
@@ -635,7 +636,9 @@ async def _aread_replies(conn: Any, n: int, out: list[Any]) -> None:
         _parsed(conn, parser, data, out, want - n, want)
 
 
-_timeout: Any = getattr(asyncio, "timeout", None)  # Python 3.11+: a timer, not a task
+# asyncio.timeout is a timer, not a task; before 3.11.3 it could mistake a cancel that a
+# task once swallowed for its own expiry
+_timeout: Any = getattr(asyncio, "timeout", None) if sys.version_info >= (3, 11, 3) else None
 
 
 async def _aread_chunk(reader: asyncio.StreamReader, timeout: float | None) -> bytes:

@@ -58,6 +58,8 @@ TOKENS: list[tuple[str, str]] = [
     (r"\b_awrite\b", "_write"),
     (r"\b_aread_replies\b", "_read_replies"),
     (r"\b_aread_reply\b", "_read_reply"),
+    (r"\b_aread_chunk\b", "_read_chunk"),
+    (r"\b_astream\b", "_stream"),
     (r"\bAsyncHub\b", "ThreadHub"),
     (r"\bAsyncRedisStore\b", "RedisStore"),
     (r"\b__aenter__\b", "__enter__"),

@@ -37,7 +37,7 @@ class Engine:
         self._hub: Hub | None = None
         self.attached: tuple[type[Hub], Any, Any] | None = (hub_kind, backend, client)
         memory = store.sync if isinstance(store, AsyncMemoryStore) else store
-        if isinstance(memory, MemoryStore) and core.batching is None:
+        if isinstance(memory, MemoryStore):
             core.direct = _direct(memory, core)
 
     def _join(self) -> None:

@@ -120,6 +120,12 @@ class _Window:
         self.failures += failed
         self.slow += slow
 
+    def add(self, cfg: ModelConfig, now: int, failed: bool, slow: bool) -> None:
+        if cfg.count_window:
+            self.add_count(cfg, failed, slow)
+        else:
+            self.add_time(cfg, now, failed, slow)
+
     def add_count(self, cfg: ModelConfig, failed: bool, slow: bool) -> None:
         code = Code.of(failed, slow)
         if len(self.ring) >= cfg.window_n:
@@ -262,10 +268,7 @@ class BreakerModel:
             failed = is_failure(code)
             slow = is_slow(code)
             if self.state == "closed":
-                if cfg.count_window:
-                    self.window.add_count(cfg, failed, slow)
-                else:
-                    self.window.add_time(cfg, now, failed, slow)
+                self.window.add(cfg, now, failed, slow)
                 win = self.window
                 w = (win.calls, win.failures, win.slow)
                 self.cf = self.cf + 1 if failed else 0
@@ -311,10 +314,7 @@ class BreakerModel:
         changed, when not plainly CLOSED there: the caller sends it through `record()`."""
         if self.state != "closed" or self.forced or generation != self.gen or not self.exists:
             return False
-        if cfg.count_window:
-            self.window.add_count(cfg, False, False)
-        else:
-            self.window.add_time(cfg, now, False, False)
+        self.window.add(cfg, now, False, False)
         self.cf = 0
         self._save(now, fp)
         return True

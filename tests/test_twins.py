@@ -36,7 +36,8 @@ def test_generated_regions_are_up_to_date() -> None:
     assert TOOL.exists(), "the generator is missing: CI must copy .ci/ beside tests/"
     r = _unasync("--check", *FILES.values())
     assert r.returncode == 0, r.stdout + r.stderr
-    assert re.search(r"\b[5-9] generated region\(s\) up to date", r.stdout), r.stdout
+    m = re.search(r"\b(\d+) generated region\(s\) up to date", r.stdout)
+    assert m and int(m.group(1)) >= 11, r.stdout  # every region there is: none went missing
 
 
 def _region(lines: list[str], source: str) -> range:

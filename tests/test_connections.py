@@ -113,6 +113,9 @@ def test_a_forked_child_never_uses_its_parents_connection(server: RedisServer) -
         for _ in range(10):
             assert b.call(lambda: 1) == 1  # the parent's idle connection exists
         admin = server.client()
+        # the caller's connection and the slow client's, which the listener's first
+        # re-read opens whenever its thread gets to it: both before the snapshot
+        assert until(lambda: len(_conns(admin)) == 2, 5.0), _conns(admin)
         parents = _conns(admin)
         pid = os.fork()
         if pid == 0:  # the child

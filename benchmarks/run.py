@@ -240,7 +240,7 @@ def async_subjects(port: int, sha: str) -> list[Subject]:
                            lambda b=b: b.call(_anoop), b.is_available, _trip_async(b),
                            _arejects(b), b.close, b.flush, True, True,
                            "1 FCALL per call" if mode == "strict" else
-                           "1 FCALL per breaker per round trip, from a drain task"))
+                           "1 FCALL per breaker per round trip, from the loop's writer task"))
     return out
 
 
@@ -527,7 +527,7 @@ def scale(port: int, plan: Plan) -> dict[str, Any]:
 
 
 async def _ayield() -> int:
-    await asyncio.sleep(0)  # as a call that awaits I/O does: the drain tasks get the loop
+    await asyncio.sleep(0)  # as a call that awaits I/O does: the writer task gets the loop
     return 1
 
 

@@ -3,7 +3,7 @@
 The same steps on the running event loop. A caller waits at most redis_timeout for its
 request, which is a task: cancelling the caller does not cancel the request, whose
 outcome is applied when it comes (a granted probe lease is given back). Batched
-outcomes are sent by a drain task on the loop instead of the writer thread.
+outcomes are sent by the loop's writer task instead of the writer thread.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from ._core import BreakerCore
 from ._engine import CLOSE_FLUSH_TIMEOUT_S, Engine
 from ._fallback import BACKGROUND, CALLER, OPERATOR, WRITER
 from ._listener import AsyncHub, Hub
+from ._loop_writer import loop_writer
 from ._outcome import Permit
 from ._protocol import Reply, ScriptCall
 from .stores import AsyncMemoryStore, AsyncRedisStore
@@ -59,7 +60,7 @@ class AsyncEngine(Engine):
         super().after_fork()
 
     def at_exit(self) -> None:
-        """The loop is gone by now: its drain task sent what it could when the loop
+        """The loop is gone by now: its writer task sent what it could when the loop
         cancelled it; anything left is reported."""
         b = self.core.batching
         if b is not None and b.batch.outstanding():
@@ -113,18 +114,24 @@ class AsyncEngine(Engine):
                     task.add_done_callback(self._late_callback(call))
                     return fb.no_reply(call, sent_at)
                 raw = task.result()
-            elif mode == WRITER and isinstance(self.store, AsyncRedisStore):
-                raw = await self.store.run_piped(call)  # with every due batch of the client
             else:
                 raw = await self.store.run(call)
         except STORE_ERRORS as e:
-            alive = getattr(self.store, "alive", None)
-            if (fb.stuck_writer(mode, e) and alive
-                    and await _alive_once(e, alive, self.config.failover_after)):
-                fb.answered(None)  # one stuck connection, not a silent Redis
-                raise
-            return fb.failed(call, e, mode, sent_at)
+            return await self.failed(call, e, mode, sent_at)
         return fb.answered(raw, sent_at)
+
+    async def failed(self, call: ScriptCall, e: BaseException, mode: int,
+                     sent_at: float) -> Any:
+        """`run()`'s failure path (see `SyncEngine._failed`): for a writer's timeout, one
+        PING per exception decides between a stuck connection (raised: the batch is lost)
+        and a silent Redis (the fallback answers)."""
+        fb = self.core.fallback
+        alive = getattr(self.store, "alive", None)
+        if (fb.stuck_writer(mode, e) and alive
+                and await _alive_once(e, alive, self.config.failover_after)):
+            fb.answered(None)  # one stuck connection, not a silent Redis
+            raise e
+        return fb.failed(call, e, mode, sent_at)
 
     def _late_callback(self, call: ScriptCall) -> Callable[[asyncio.Future[Any]], None]:
         return functools.partial(deliver, functools.partial(self.on_late, call))
@@ -215,68 +222,91 @@ class AsyncEngine(Engine):
 
 
 class AsyncWriter:
-    """Batched mode on the loop: a drain task sends the pending outcomes, one record call
-    at a time, through the engine (the twin of the writer thread, `_batch.ThreadWriter`)."""
+    """Batched mode on the loop: this breaker's member of the loop's writer
+    (`_loop_writer.LoopWriter`, the twin of the writer thread), which sends its pending
+    outcomes with every other due breaker's, one record call per breaker at a time."""
 
     def __init__(self, engine: AsyncEngine, batching: Batching) -> None:
-        # weakly: the engine holds its writer, and a dropped breaker is freed at once
+        # weakly: the engine holds its writer, and a dropped breaker is freed once the
+        # outcomes it holds are sent (held strongly only meanwhile, as the writer thread
+        # holds a sync one)
         self._engine = weakref.ref(engine)
+        self._held: AsyncEngine | None = None
         self.batching = batching
         self.name = engine.name
-        self._drainer: asyncio.Task[None] | None = None
-        self._urgent: asyncio.Event | None = None
 
     def after_fork(self) -> None:
-        self._drainer = None
-        self._urgent = None
+        """The child's loops get writers of their own (`PROCESS`)."""
+        self._held = None
 
     def wake(self) -> None:
-        """Start the drain task on the running loop unless one is running (called from the
-        loop's thread: no await between the check and the start)."""
-        t = self._drainer
-        if t is None or t.done() or t.get_loop() is not asyncio.get_running_loop():
-            self._urgent = None  # an Event belongs to the loop that first waits on it
-            self._drainer = asyncio.get_running_loop().create_task(
-                self._drain(), name=f"distbreaker-writer-{self.name}")
-        elif self._urgent is not None:
-            self._urgent.set()
+        """Hand this breaker to the running loop's writer (from the loop's thread)."""
+        self._held = self._engine()
+        loop_writer().wake(self)
 
-    async def _drain(self) -> None:
-        """Send pending outcomes, one call at a time, until none are left. Cancelled (the
-        loop is shutting down), it still sends what is pending, then re-raises; the batch
-        that was in flight counts as lost rather than risk counting it twice."""
+    # -- what the loop's writer calls (`LoopMember`) -------------------------------------
+
+    def batch_due(self) -> float:
+        due = self.batching.due() if self._engine() is not None else _INF
+        if due == _INF:
+            self._held = None  # nothing left to send: the breaker may go
+        return due
+
+    def hurry(self) -> None:
+        self.batching.batch.hurry()
+
+    def pipe_store(self) -> AsyncRedisStore | None:
+        """The store this breaker's batches may share a pipeline on (see
+        `SyncEngine.pipe_store`), or None: they go alone (`flush_once`)."""
+        e = self._engine()
+        s = e.store if e is not None else None
+        return s if isinstance(s, AsyncRedisStore) and s.pipelines else None
+
+    def take_for_pipe(self) -> ScriptCall | None:
+        """See `SyncEngine.take_for_pipe`."""
+        e = self._engine()
+        g = e.core.fallback.guard if e is not None else None
+        if e is None or (g is not None and g.degraded):
+            return None
+        return self.batching.take()
+
+    async def pipe_done(self, call: ScriptCall, result: Any, sent_at: float) -> None:
+        """Apply the pipeline's result for `call` as `flush_once` applies its own (a
+        cancelled pipeline's batches are lost, see the writer)."""
         b = self.batching
-        cancelled = False
-        while True:
-            call = b.take()
-            if call is None:
-                due = b.due()
-                if due == _INF:
-                    break
-                try:  # the linger: wait for more outcomes, or for flush() / a trip
-                    evt = self._urgent = self._urgent or asyncio.Event()
-                    await asyncio.wait_for(evt.wait(), max(0.0, due - time.monotonic()))
-                except asyncio.TimeoutError:
-                    pass
-                except asyncio.CancelledError:
-                    cancelled = True
-                    b.batch.hurry()
-                if self._urgent is not None:
-                    self._urgent.clear()
-                continue
-            engine = self._engine()
-            if engine is None:
-                break  # the breaker is gone; what it held is reported by nobody
-            try:
-                _, events = b.done(call, await engine.run(call, WRITER))
-            except (Exception, asyncio.CancelledError) as e:
-                cancelled = cancelled or isinstance(e, asyncio.CancelledError)
-                b.lost(e)
-                continue
-            engine.core.announcer.fire(events)
-            del engine
-        if cancelled:
-            raise asyncio.CancelledError
+        e = self._engine()
+        try:
+            if e is None:
+                raise RuntimeError("the breaker is gone")
+            if isinstance(result, STORE_ERRORS):
+                raw = await e.failed(call, result, WRITER, sent_at)
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                raw = e.core.fallback.answered(result, sent_at)
+            _, events = b.done(call, raw)
+        except (Exception, asyncio.CancelledError) as exc:
+            b.lost(exc)
+            return
+        e.core.announcer.fire(events)
+
+    async def flush_once(self) -> None:
+        """Send one batch alone, if one is due (interrupted, it is lost and the cancel goes
+        on to the writer)."""
+        b = self.batching
+        e = self._engine()
+        call = b.take() if e is not None else None
+        if e is None or call is None:
+            return  # a gone breaker's outcomes are reported by nobody
+        try:
+            _, events = b.done(call, await e.run(call, WRITER))
+        except Exception as exc:
+            b.lost(exc)
+            return
+        except asyncio.CancelledError as exc:
+            b.lost(exc)
+            raise
+        e.core.announcer.fire(events)
 
     async def flush(self, timeout: float | None) -> bool:
         b = self.batching.batch

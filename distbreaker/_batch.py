@@ -6,11 +6,11 @@ and the projection of the pending outcomes onto the shared counters last read fr
 The projection is what lets a process stop admitting calls the moment its own unsent
 failures would trip the breaker, instead of one round trip later.
 
-The sync shells share one writer thread per process (`ThreadWriter`); an asyncio breaker
-runs one drain task while it has outcomes pending. Either sends everything pending for a
-breaker (up to ``max_batch`` outcomes) in one record.lua call as soon as the previous call
-for that breaker returns: there is no timer, so an idle breaker's first outcome goes out
-at once.
+The sync shells share one writer thread per process (`ThreadWriter`); asyncio breakers
+share one writer task per event loop (`_loop_writer.LoopWriter`). Either sends everything
+pending for a breaker (up to ``max_batch`` outcomes) in one record.lua call as soon as the
+previous call for that breaker returns (or, with ``batch_linger``, once it has waited that
+long), so an idle breaker's first outcome goes out at once.
 """
 
 from __future__ import annotations

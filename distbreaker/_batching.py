@@ -1,7 +1,7 @@
 """Batched mode's glue between a breaker and its `OutcomeBatch`: one file for it.
 
 Outcomes wait in the batch (`_batch.OutcomeBatch`, which also projects whether they trip
-the breaker); a writer (the process's writer thread, or an asyncio drain task) takes
+the breaker); a writer (the process's writer thread, or the event loop's writer task) takes
 them as one record call, and the reply is applied here. While the projection says the
 pending outcomes trip the breaker, the snapshot is held: nothing is admitted at that
 generation until Redis has answered.

@@ -3,12 +3,12 @@
 A breaker is shared through Redis, but some things are per process by nature: the listener
 hub per client, the guard per Redis server, the derived clients every breaker of one client
 shares, the background threads that finish late requests, the batched writer thread, the
-asyncio pipelines, the global manager. A forked child inherits none of them in a usable
+asyncio loops' writers, the global manager. A forked child inherits none of them in a usable
 state (threads do not survive a fork; a lock held by one may never be released), so after
 a fork the child:
 
 1. takes fresh locks;
-2. forgets the parent's threads, hubs, guards, shared clients, pipelines and manager;
+2. forgets the parent's threads, hubs, guards, shared clients, loop writers and manager;
 3. re-initialises every resident (every live breaker's engine), in no particular order
    (they share nothing but the registries): fresh locks, a new origin, no fallback, and
    new hubs and guards.
@@ -43,8 +43,8 @@ class ProcessState:
         self.clients: dict[tuple[int, float, float | None], list[Any]] = {}
         self.executor: ThreadPoolExecutor | None = None
         self.writer: Any = None
-        #: asyncio batched mode's pipelines: client -> event loop -> _AutoPipe
-        self.pipes: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+        #: asyncio batched mode's writers: event loop -> _loop_writer.LoopWriter
+        self.loop_writers: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         self.manager: Any = None  # the global CircuitBreakerManager (providers.configure)
         self.manager_lock = threading.Lock()  # held while one is built (that takes `lock`)
         #: Live breakers' engines: each has after_fork() and at_exit().
@@ -60,7 +60,7 @@ class ProcessState:
         self.clients = {}
         self.executor = None
         self.writer = None
-        self.pipes = weakref.WeakKeyDictionary()  # one may have been mid-send
+        self.loop_writers = weakref.WeakKeyDictionary()  # one may have been mid-send
         for r in list(self.residents):
             try:
                 r.after_fork()

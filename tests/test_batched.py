@@ -457,7 +457,7 @@ def test_async_loop_end_flushes(redis_server: RedisServer, redis_client: redis.R
                                     redis=aredis.Redis(port={redis_server.port}))
             for _ in range(1500):
                 await b.call(ok)
-            # returns with outcomes pending: the loop's shutdown cancels the drain task
+            # returns with outcomes pending: the loop's shutdown cancels the writer task
 
         asyncio.run(main())
     """)
@@ -466,6 +466,109 @@ def test_async_loop_end_flushes(redis_server: RedisServer, redis_client: redis.R
     # at most the batch in flight when the loop cancelled the writer is unconfirmed
     assert 1500 - 256 <= int(w["c"]) <= 1500, (w, p.stderr)
     assert "Traceback" not in p.stderr, p.stderr
+
+
+def test_async_loop_end_sends_every_lingering_breakers_outcomes(
+        redis_server: RedisServer, redis_client: redis.Redis) -> None:
+    """The loop ends while 100 breakers linger (nothing in flight), dropped by the code
+    that made them: its writer, cancelled, sends every one of them without waiting out the
+    linger, so none is lost (a breaker is freed once what it holds is sent)."""
+    names = [name() for _ in range(100)]
+    p = _run_child(f"""
+        import asyncio, time
+        import redis.asyncio as aredis
+        from distbreaker import AsyncCircuitBreaker, CircuitBreakerConfig
+
+        async def ok():
+            return 1
+
+        async def main():
+            c = aredis.Redis(port={redis_server.port})
+            cfg = CircuitBreakerConfig(consistency="batched", minimum_calls=100000,
+                                       batch_linger=1.0)
+            bs = [AsyncCircuitBreaker(n, cfg, redis=c) for n in {names!r}]
+            for b in bs:
+                await b.refresh()
+            for _ in range(3):
+                for b in bs:
+                    await b.call(ok)
+            await asyncio.sleep(0.05)  # the writer took them all: each one lingers
+            global started
+            started = time.monotonic()
+
+        asyncio.run(main())
+        print("shutdown took", time.monotonic() - started)
+    """)
+    assert p.returncode == 0, p.stderr
+    assert "Traceback" not in p.stderr, p.stderr
+    took = float(p.stdout.split()[-1])
+    assert took < 0.9, p.stdout  # sooner than the 1 s linger: the cancel hurried them
+    assert [window(redis_client, n).get("c") for n in names] == ["3"] * 100, p.stderr
+
+
+async def test_async_one_writer_task_per_loop_for_many_breakers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """200 lingering breakers are held by one writer task on the loop (the twin of the
+    writer thread), not one task each; each breaker's outcomes then go in one record
+    call, and all 200 calls in one pipeline."""
+    from distbreaker.stores.redis import AsyncRedisStore
+
+    rounds: list[int] = []
+    many = AsyncRedisStore._send_many
+
+    async def counted_many(self: AsyncRedisStore, payloads: list[bytes]) -> list[Any]:
+        rounds.append(len(payloads))
+        return await many(self, payloads)
+
+    monkeypatch.setattr(AsyncRedisStore, "_send_many", counted_many)
+    server = RedisServer().start()
+    admin = server.client()
+    c = aredis.Redis(port=server.port)
+    names = [name() for _ in range(200)]
+    cfg = CircuitBreakerConfig(**{**BATCHED, "batch_linger": 0.5})
+    bs = [AsyncCircuitBreaker(x, cfg, redis=c) for x in names]
+    try:
+        for b in bs:
+            await b.refresh()
+        admin.config_resetstat()
+        for _ in range(4):
+            for b in bs:
+                await b.call(_aok)
+        await asyncio.sleep(0)
+        writers = [t for t in asyncio.all_tasks() if t.get_name() == "distbreaker-writer"]
+        assert len(writers) == 1, [t.get_name() for t in asyncio.all_tasks()]
+        assert all(b.get_metrics().pending_outcomes == 4 for b in bs)
+        assert rounds == []  # all of them linger
+        assert all(await asyncio.gather(*(b.flush(10) for b in bs)))
+        assert rounds == [200], rounds
+        stats = admin.info("commandstats")
+        assert stats["cmdstat_fcall"]["calls"] == 200, stats["cmdstat_fcall"]
+        assert [window(admin, x)["c"] for x in names] == ["4"] * 200
+        await asyncio.sleep(0.7)  # past the linger the flushes cut short: nothing waits
+        assert not [t for t in asyncio.all_tasks() if t.get_name() == "distbreaker-writer"]
+    finally:
+        for b in bs:
+            await b.close()
+        await c.aclose()
+        server.stop()
+
+
+def test_async_breaker_sends_from_each_event_loop_it_runs_on(
+        redis_server: RedisServer, redis_client: redis.Redis) -> None:
+    """One breaker, two asyncio.run() in turn: each loop's writer sends that loop's
+    outcomes (the first loop's writer is gone with it)."""
+    n = name()
+    b = AsyncCircuitBreaker(n, CircuitBreakerConfig(**BATCHED),
+                            redis=aredis.Redis(port=redis_server.port))
+
+    async def calls(k: int) -> None:
+        for _ in range(k):
+            await b.call(_aok)
+        assert await b.flush(10)
+
+    asyncio.run(calls(5))
+    asyncio.run(calls(7))
+    assert window(redis_client, n)["c"] == "12"
 
 
 @pytest.mark.multiprocess

@@ -169,7 +169,7 @@ def test_a_dropped_breaker_is_freed_at_once_in_every_mode(redis_client: Any) -> 
                 async def one() -> int:
                     return 1
 
-                await b.call(one)  # the listener task and, batched, the drain task run
+                await b.call(one)  # the listener task and, batched, the writer task run
                 await b.flush()
                 return b
 

@@ -21,7 +21,7 @@ import hashlib
 import sys
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
@@ -454,12 +454,11 @@ class AsyncRedisStore:
         except Exception:
             return False
 
-    def run_piped(self, call: ScriptCall) -> Awaitable[Any]:
-        """Batched mode's writer: the call goes out in the next pipeline of this client on
-        the running loop, with every other breaker's due batch (see `_AutoPipe`)."""
-        if self._packer is None:  # Cluster and other clients: one at a time
-            return self.run(call)
-        return _pipe_for(self).submit(call)
+    @property
+    def pipelines(self) -> bool:
+        """Whether `run_many` can send several calls in one round trip (not a Cluster
+        client, or another client without a connection pool to write to)."""
+        return self._packer is not None
 
     # unasync: rename self.client -> self.slow
     async def run_many(self, calls: list[ScriptCall]) -> list[Any]:
@@ -753,73 +752,3 @@ def _reply_error(conn: Any, text: str) -> BaseException:
         except Exception:
             pass
     return redis.ResponseError(text)
-
-
-PIPELINE_MAX = 1000  # calls per round trip
-
-
-class _AutoPipe:
-    """One client's batched-mode pipeline on one event loop. Every breaker's drain task
-    submits its due batch; the first submission starts a send task, which runs on the
-    loop's next turn, when every drain task woken in the same turn has submitted too, and
-    sends them all in one pipeline (up to PIPELINE_MAX per round trip). What arrives while
-    a pipeline is in flight goes in the next. Before, each breaker's batch took its own
-    round trip on its own connection: 10,000 batched breakers cost 14x one per call, and
-    held hundreds of connections (MaxConnectionsError). A waiter cancelled before its call
-    went out takes the call with it; one cancelled later leaves its reply unread."""
-
-    def __init__(self, store: AsyncRedisStore, loop: asyncio.AbstractEventLoop) -> None:
-        self._store = store
-        self._loop = loop
-        self._queue: list[tuple[ScriptCall, asyncio.Future[Any]]] = []
-        self._sending = False
-        self._task: asyncio.Task[None] | None = None  # held: the loop keeps tasks weakly
-
-    def submit(self, call: ScriptCall) -> asyncio.Future[Any]:
-        fut: asyncio.Future[Any] = self._loop.create_future()
-        self._queue.append((call, fut))
-        if not self._sending:
-            self._sending = True
-            self._task = self._loop.create_task(self._send(), name="distbreaker-pipeline")
-        return fut
-
-    async def _send(self) -> None:
-        batch: list[tuple[ScriptCall, asyncio.Future[Any]]] = []
-        try:
-            while self._queue:
-                batch = [(c, f) for c, f in self._queue[:PIPELINE_MAX] if not f.done()]
-                del self._queue[:PIPELINE_MAX]
-                if not batch:
-                    continue
-                results = await self._store.run_many([c for c, _ in batch])
-                for (_, fut), r in zip(batch, results, strict=True):
-                    if fut.done():
-                        continue
-                    if isinstance(r, BaseException):
-                        fut.set_exception(r)
-                    else:
-                        fut.set_result(r)
-                batch = []
-        except BaseException as e:  # cancelled (the loop ends), or a bug: nobody hangs
-            for _, fut in batch + self._queue:
-                if not fut.done():
-                    fut.set_exception(e if isinstance(e, Exception) else
-                                      asyncio.CancelledError())
-            self._queue.clear()
-            raise
-        finally:
-            self._sending = False
-
-
-def _pipe_for(store: AsyncRedisStore) -> _AutoPipe:
-    """The pipeline of `store`'s client on the running loop, shared by every breaker
-    (`PROCESS.pipes`: a forked child starts without its parent's)."""
-    loop = asyncio.get_running_loop()
-    with PROCESS.lock:
-        by_loop = PROCESS.pipes.get(store.client)
-        if by_loop is None:
-            by_loop = PROCESS.pipes[store.client] = weakref.WeakKeyDictionary()
-        pipe = by_loop.get(loop)
-        if pipe is None:
-            pipe = by_loop[loop] = _AutoPipe(store, loop)
-        return pipe

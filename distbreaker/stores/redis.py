@@ -602,8 +602,10 @@ async def _awrite(conn: Any, payloads: list[bytes]) -> None:
 
 
 def _write(conn: Any, payloads: list[bytes]) -> None:
-    """`_awrite`'s sync twin: redis-py's send (a blocking socket write)."""
-    conn.send_packed_command(payloads)
+    """`_awrite`'s sync twin: redis-py's send, as one blocking socket write (redis-py
+    writes each item of a list with its own sendall: a system call per breaker's batch,
+    about a fifth of the writer thread's time with 10,000 breakers)."""
+    conn.send_packed_command([b"".join(payloads)] if len(payloads) > 1 else payloads)
 
 
 _CHUNK = 1 << 16

@@ -239,6 +239,12 @@ class AsyncWriter:
         """The child's loops get writers of their own (`PROCESS`)."""
         self._held = None
 
+    def abandoned(self) -> None:
+        """The loop this breaker's batches waited on was closed with them unsent."""
+        self._held = None
+        if self.batching.batch.outstanding():
+            self.batching.warn_unapplied("(its event loop was closed)")
+
     def wake(self) -> None:
         """Hand this breaker to the running loop's writer (from the loop's thread)."""
         self._held = self._engine()
@@ -272,7 +278,7 @@ class AsyncWriter:
 
     async def pipe_done(self, call: ScriptCall, result: Any, sent_at: float) -> None:
         """Apply the pipeline's result for `call` as `flush_once` applies its own (a
-        cancelled pipeline's batches are lost, see the writer)."""
+        cancelled pipeline's batches are lost, and the cancel goes on to the writer)."""
         b = self.batching
         e = self._engine()
         try:
@@ -285,9 +291,12 @@ class AsyncWriter:
             else:
                 raw = e.core.fallback.answered(result, sent_at)
             _, events = b.done(call, raw)
-        except (Exception, asyncio.CancelledError) as exc:
+        except Exception as exc:
             b.lost(exc)
             return
+        except asyncio.CancelledError as exc:
+            b.lost(exc)
+            raise  # the writer hurries the rest and sends it
         e.core.announcer.fire(events)
 
     async def flush_once(self) -> None:

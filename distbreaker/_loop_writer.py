@@ -48,6 +48,7 @@ class LoopMember(Protocol):
     def take_for_pipe(self) -> ScriptCall | None: ...
     async def pipe_done(self, call: ScriptCall, result: Any, sent_at: float) -> None: ...
     async def flush_once(self) -> None: ...
+    def abandoned(self) -> None: ...
 
 
 class LoopWriter:
@@ -71,6 +72,18 @@ class LoopWriter:
                 self._run(), name="distbreaker-writer")
         elif self._kick is not None and not self._kick.done():
             self._kick.set_result(None)
+
+    def abandon(self) -> None:
+        """Its loop was closed without ending the task: let go of every breaker it held
+        (each one reports what it had not sent)."""
+        members = {id(m): m for m in self._ready}
+        members.update((id(m), m) for _, _, m in self._timed)
+        self._ready.clear()
+        self._queued.clear()
+        self._timed.clear()
+        self._task = self._kick = None
+        for m in members.values():
+            _guarded(m, m.abandoned)
 
     def _requeue(self, m: LoopMember, now: float) -> None:
         try:
@@ -150,39 +163,69 @@ class LoopWriter:
         for store, members in groups.values():
             if len(members) == 1:
                 alone.append(members[0])
-                continue
-            calls: list[tuple[LoopMember, ScriptCall]] = []
-            for m in members:
-                call = _guarded(m, m.take_for_pipe)
-                if call is None:
-                    alone.append(m)  # nothing due, or Redis is down: flush_once decides
-                else:
-                    calls.append((m, call))
-            if calls:
-                jobs.append(_pipe(store, calls))
+            else:
+                jobs.append(_pipe(store, members))
         jobs += [_flush_once(m) for m in alone]
         if len(jobs) == 1:
             await jobs[0]
         elif jobs:
-            await asyncio.gather(*jobs)
+            await _all(jobs)
 
 
-async def _pipe(store: Any, calls: list[tuple[LoopMember, ScriptCall]]) -> None:
-    sent_at = time.monotonic()
-    cancelled: asyncio.CancelledError | None = None
+async def _all(jobs: list[Any]) -> None:
+    """Run `jobs` side by side; cancelled, wait until every one has settled what it took
+    (a job takes its batches only once it runs: one cancelled before it started took
+    none), then re-raise."""
+    tasks = [asyncio.ensure_future(j) for j in jobs]
     try:
-        results = await store.run_many([c for _, c in calls])
-    except asyncio.CancelledError as e:
-        cancelled, results = e, [e] * len(calls)
-    except BaseException as e:  # never raised by design; keep the writer alive
-        results = [e] * len(calls)
-    for (m, call), res in zip(calls, results, strict=True):
+        await asyncio.wait(tasks)
+    except asyncio.CancelledError:
+        for t in tasks:
+            t.cancel()
+        await asyncio.wait(tasks)
+        raise
+    for t in tasks:
+        exc = None if t.cancelled() else t.exception()
+        if exc is not None:
+            raise exc
+    if any(t.cancelled() for t in tasks):
+        raise asyncio.CancelledError
+
+
+async def _pipe(store: Any, members: list[LoopMember]) -> None:
+    """One pipeline for the due batches of `members` (who share `store`); a member with
+    none due, or whose guard is down, goes alone after it. Each batch taken is applied or
+    counted lost, cancelled or not."""
+    calls: list[tuple[LoopMember, ScriptCall]] = []
+    rest: list[LoopMember] = []
+    for m in members:
+        call = _guarded(m, m.take_for_pipe)
+        if call is None:
+            rest.append(m)  # nothing due, or Redis is down: flush_once decides
+        else:
+            calls.append((m, call))
+    cancelled: asyncio.CancelledError | None = None
+    if calls:
+        sent_at = time.monotonic()
         try:
-            await m.pipe_done(call, res, sent_at)
-        except Exception:
-            log.exception("distbreaker writer failed", extra={"breaker": m.name})
+            results = await store.run_many([c for _, c in calls])
+        except asyncio.CancelledError as e:
+            cancelled, results = e, [e] * len(calls)
+        except Exception as e:  # never raised by design; keep the writer alive
+            results = [e] * len(calls)
+        for (m, call), res in zip(calls, results, strict=True):
+            if cancelled is not None:
+                res = cancelled  # the rest is lost too: nothing more may wait
+            try:
+                await m.pipe_done(call, res, sent_at)
+            except asyncio.CancelledError as e:
+                cancelled = e
+            except Exception:
+                log.exception("distbreaker writer failed", extra={"breaker": m.name})
     if cancelled is not None:
         raise cancelled
+    for m in rest:
+        await _flush_once(m)
 
 
 async def _flush_once(m: LoopMember) -> None:
@@ -210,9 +253,15 @@ def loop_writer() -> LoopWriter:
     loop = asyncio.get_running_loop()
     writers: weakref.WeakKeyDictionary[Any, LoopWriter] = PROCESS.loop_writers
     w = writers.get(loop)
+    closed: list[tuple[Any, LoopWriter]] = []
     if w is None:
         with PROCESS.lock:
             w = writers.get(loop)
             if w is None:
+                closed = [(k, v) for k, v in writers.items() if k.is_closed()]
+                for k, _ in closed:  # closed with batches pending: their writer never ends
+                    del writers[k]
                 w = writers[loop] = LoopWriter()
+        for _, v in closed:
+            v.abandon()
     return w

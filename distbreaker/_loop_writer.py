@@ -7,7 +7,9 @@ call to meet the other breakers' batches in a shared pipeline. Now one task per 
 every woken breaker in turn, as the sync shells' writer thread does: the due batches of the
 breakers that share a client go in one pipeline (up to PIPELINE_MAX per round trip), the
 rest (Cluster clients, an in-process store, a breaker whose guard is down) alone; a
-lingering breaker waits in one heap.
+lingering breaker waits in one heap. Each round trip runs in a lane (a task) of its own,
+one in flight per client, so a stalled Redis delays only the breakers on it (the writer
+thread, which waits for each pipeline in turn, does not have this yet).
 
 Cancelled (the loop shuts down), the task still sends what is pending, lingering or not,
 then re-raises; a batch that was in flight when the cancel came counts as lost rather than
@@ -17,6 +19,8 @@ risk counting it twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import heapq
 import itertools
 import logging
@@ -52,7 +56,13 @@ class LoopMember(Protocol):
 
 
 class LoopWriter:
-    """See the module docstring. Runs on one event loop; every method is called from it."""
+    """See the module docstring. Runs on one event loop; every method is called from it.
+
+    The writer's task dispatches; each round trip runs in a lane of its own (a task), one
+    in flight per client (its breakers woken meanwhile wait for it, then go in the next
+    pipeline) and one per breaker that goes alone, so a stalled Redis delays only its own
+    breakers. Once cancelled (the loop ends: lanes started from then on would not be
+    awaited), the task sends inline instead."""
 
     def __init__(self) -> None:
         self._ready: deque[LoopMember] = deque()
@@ -60,12 +70,17 @@ class LoopWriter:
         self._timed: list[tuple[float, int, LoopMember]] = []  # (due, seq, member)
         self._seq = itertools.count()
         self._task: asyncio.Task[None] | None = None  # held: the loop keeps tasks weakly
-        self._kick: asyncio.Future[None] | None = None  # set while the task lingers
+        self._kick: asyncio.Future[None] | None = None  # set while the task waits
+        self._lanes: dict[Any, asyncio.Task[None]] = {}  # in flight, by client
+        self._waiting: dict[Any, list[LoopMember]] = {}  # woken while their lane is busy
 
     def wake(self, m: LoopMember) -> None:
         if id(m) not in self._queued:
             self._queued.add(id(m))
             self._ready.append(m)
+        self._poke()
+
+    def _poke(self) -> None:
         t = self._task
         if t is None or t.done():
             self._task = asyncio.get_running_loop().create_task(
@@ -78,9 +93,13 @@ class LoopWriter:
         (each one reports what it had not sent)."""
         members = {id(m): m for m in self._ready}
         members.update((id(m), m) for _, _, m in self._timed)
+        for ms in self._waiting.values():
+            members.update((id(m), m) for m in ms)
         self._ready.clear()
         self._queued.clear()
         self._timed.clear()
+        self._waiting.clear()
+        self._lanes.clear()
         self._task = self._kick = None
         for m in members.values():
             _guarded(m, m.abandoned)
@@ -110,66 +129,86 @@ class LoopWriter:
                         m.hurry()  # the loop ends: nothing waits for its linger
                     self._requeue(m, now)
                 if not self._ready:
-                    if not timed:
+                    if cancelled and self._lanes:
+                        await asyncio.wait(list(self._lanes.values()))  # they requeue
+                        continue
+                    if not timed and not self._lanes:
                         break
-                    cancelled = await self._linger(timed[0][0] - now) or cancelled
+                    delay = timed[0][0] - now if timed else None
+                    cancelled = await self._wait(delay) or cancelled
                     continue
                 woken: list[LoopMember] = []
                 while self._ready and len(woken) < PIPELINE_MAX:
                     m = self._ready.popleft()
                     self._queued.discard(id(m))
-                    woken.append(m)
-                try:
-                    await self._send(woken)
-                except asyncio.CancelledError:
-                    cancelled = True  # the batches in flight were counted lost
-                now = time.monotonic()
-                for m in woken:
                     if cancelled:
                         m.hurry()
-                    self._requeue(m, now)
+                    woken.append(m)
+                jobs = self._dispatch(woken, inline=cancelled)
+                if jobs:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await _all(jobs)  # what was in flight when cancelled is lost
+                    now = time.monotonic()
+                    for m in woken:
+                        m.hurry()
+                        self._requeue(m, now)
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
         finally:
             self._task = None  # a done task would keep its loop alive from the registry
         if cancelled:
             raise asyncio.CancelledError
 
-    async def _linger(self, delay: float) -> bool:
-        """Wait until the earliest lingering batch is due or a breaker is woken; True if
-        cancelled meanwhile."""
+    async def _wait(self, delay: float | None) -> bool:
+        """Wait until the earliest lingering batch is due, a breaker is woken or a lane is
+        back; True if cancelled meanwhile."""
         loop = asyncio.get_running_loop()
         kick = self._kick = loop.create_future()
-        timer = loop.call_later(max(0.0, delay), _settle, kick)
+        timer = loop.call_later(max(0.0, delay), _settle, kick) if delay is not None else None
         try:
             await kick
         except asyncio.CancelledError:
             return True
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
             self._kick = None
         return False
 
-    async def _send(self, woken: list[LoopMember]) -> None:
-        """One pipeline per store for the breakers that share one; the rest alone, side by
-        side (each waits only for its own reply)."""
-        groups: dict[int, tuple[Any, list[LoopMember]]] = {}
-        alone: list[LoopMember] = []
+    def _dispatch(self, woken: list[LoopMember], inline: bool) -> list[Any]:
+        """Start a lane per client (one pipeline for the breakers that share one) and per
+        breaker that goes alone; a client whose lane is busy keeps its breakers waiting.
+        `inline`: return the jobs for the caller to await instead."""
+        groups: dict[Any, tuple[Any, list[LoopMember]]] = {}
         for m in woken:
             store = _guarded(m, m.pipe_store)
-            if store is None:
-                alone.append(m)
-            else:
-                groups.setdefault(id(store.client), (store, []))[1].append(m)
+            key = ("alone", id(m)) if store is None else id(store.client)
+            groups.setdefault(key, (store, []))[1].append(m)
         jobs = []
-        for store, members in groups.values():
-            if len(members) == 1:
-                alone.append(members[0])
+        loop = asyncio.get_running_loop()
+        for key, (store, members) in groups.items():
+            if key in self._lanes:
+                self._waiting.setdefault(key, []).extend(members)
+                continue
+            job = _flush_once(members[0]) if len(members) == 1 else _pipe(store, members)
+            if inline:
+                jobs.append(job)
             else:
-                jobs.append(_pipe(store, members))
-        jobs += [_flush_once(m) for m in alone]
-        if len(jobs) == 1:
-            await jobs[0]
-        elif jobs:
-            await _all(jobs)
+                lane = self._lanes[key] = loop.create_task(job, name="distbreaker-writer-lane")
+                # a callback, not a finally: it runs for a lane cancelled before it started
+                lane.add_done_callback(functools.partial(self._lane_done, key, members))
+        return jobs
+
+    def _lane_done(self, key: Any, members: list[LoopMember], lane: asyncio.Task[None]) -> None:
+        if self._lanes.get(key) is lane:
+            del self._lanes[key]
+        now = time.monotonic()
+        for m in members + self._waiting.pop(key, []):
+            self._requeue(m, now)
+        if not lane.cancelled() and lane.exception() is not None:
+            log.error("distbreaker writer failed", exc_info=lane.exception())
+        self._poke()
 
 
 async def _all(jobs: list[Any]) -> None:

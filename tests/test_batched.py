@@ -557,6 +557,40 @@ def test_async_loop_end_right_after_outcomes_on_several_clients_loses_none(
         assert int(window(redis_client, n).get("c", 0)) + lost == 2, (n, line)
 
 
+async def test_async_a_stalled_redis_delays_only_its_own_breakers(
+        redis_server: RedisServer) -> None:
+    """Two Redis servers; one is paused with a pipeline of two breakers' batches on it.
+    A breaker on the other one has its outcome applied at once: each client's round trip
+    runs in a lane of its own (found by review: the writer's rounds waited for the slowest
+    pipeline, 1 s here)."""
+    sick_server = RedisServer().start()
+    cfg = CircuitBreakerConfig(consistency="batched", minimum_calls=100000, redis_timeout=0.2,
+                               redis_background_timeout=0.5, failover_after=1.0)
+    sick_c, ok_c = aredis.Redis(port=sick_server.port), aredis.Redis(port=redis_server.port)
+    sick = [AsyncCircuitBreaker(name(), cfg, redis=sick_c) for _ in range(2)]
+    good = AsyncCircuitBreaker(name(), cfg, redis=ok_c)
+    try:
+        for b in [*sick, good]:
+            await b.refresh()
+        sick_server.client().execute_command("CLIENT", "PAUSE", 3000, "ALL")
+        for b in sick:
+            await b.call(_aok)  # one pipeline to the paused Redis
+        await asyncio.sleep(0.01)
+        t = time.monotonic()
+        await good.call(_aok)
+        assert await good.flush(5)
+        took = time.monotonic() - t
+        assert took < 0.7, took  # not after the paused pipeline (0.5 s timeout, 1 s PING)
+        assert window(redis_server.client(), good.name)["c"] == "1"
+    finally:
+        sick_server.client().execute_command("CLIENT", "UNPAUSE")
+        for b in [*sick, good]:
+            await b.close()
+        await sick_c.aclose()
+        await ok_c.aclose()
+        sick_server.stop()
+
+
 async def test_async_one_writer_task_per_loop_for_many_breakers(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """200 lingering breakers are held by one writer task on the loop (the twin of the

@@ -152,6 +152,13 @@ def _element(buf: bytes, pos: int, n: int) -> tuple[Any, int]:
         items: list[Any] = []
         p = e + 2
         for _ in range(max(count, 0)):
+            if p < n and buf[p] == 58:  # an integer, inline: most replies are arrays of them
+                e2 = buf.find(b"\r\n", p)
+                if e2 < 0:
+                    return _INCOMPLETE, pos
+                items.append(int(buf[p + 1:e2]))
+                p = e2 + 2
+                continue
             v, p2 = _element(buf, p, n)
             if v is _INCOMPLETE:
                 return _INCOMPLETE, pos

@@ -18,6 +18,8 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import redis
+
 from ._batching import Batching
 from ._clients import STORE_ERRORS, deliver
 from ._core import BreakerCore
@@ -28,6 +30,7 @@ from ._loop_writer import loop_writer
 from ._outcome import Permit
 from ._protocol import Reply, ScriptCall
 from .stores import AsyncMemoryStore, AsyncRedisStore
+from .stores.redis import Exchange
 
 __all__ = ["AsyncEngine"]
 
@@ -93,6 +96,16 @@ class AsyncEngine(Engine):
         if not fb.may_try(mode):
             return fb.run(call)
         sent_at = _monotonic()
+        store = self.store
+        if mode == CALLER and isinstance(store, AsyncRedisStore):
+            exchange = store.send_now(call)
+            if exchange is not None:
+                return await self._exchanged(call, exchange, sent_at)
+        return await self._run(call, mode, sent_at)
+
+    async def _run(self, call: ScriptCall, mode: int, sent_at: float) -> Any:
+        """`run` through the store's awaitable path."""
+        fb = self.core.fallback
         try:
             if mode == CALLER:
                 # The request is a task the caller stops awaiting after redis_timeout (or
@@ -132,6 +145,41 @@ class AsyncEngine(Engine):
             fb.answered(None)  # one stuck connection, not a silent Redis
             raise e
         return fb.failed(call, e, mode, sent_at)
+    async def _exchanged(self, call: ScriptCall, exchange: Exchange, sent_at: float) -> Any:
+        """`run` for a request written at once (`AsyncRedisStore.send_now`): its reply read
+        in the caller's task for at most redis_timeout. A caller that stops waiting or is
+        cancelled leaves the rest to a background task, whose outcome `on_late` applies."""
+        fb = self.core.fallback
+        try:
+            raw = await exchange.reply(self.config.redis_timeout)
+        except TimeoutError:
+            self._finish_late(call, exchange)
+            return fb.no_reply(call, sent_at)
+        except asyncio.CancelledError:
+            self._finish_late(call, exchange)
+            raise
+        except STORE_ERRORS as e:
+            if exchange.needs_load(e, call.op):  # not run: load it and send it again
+                return await self._run(call, CALLER, sent_at)
+            return fb.failed(call, e, CALLER, sent_at)
+        return fb.answered(raw, sent_at)
+
+    def _finish_late(self, call: ScriptCall, exchange: Exchange) -> None:
+        deadline = _monotonic() + self.config.redis_background_timeout
+        task = asyncio.ensure_future(self._finish(call, exchange, deadline))
+        self.keep(task)
+        task.add_done_callback(self._late_callback(call))
+
+    async def _finish(self, call: ScriptCall, exchange: Exchange, deadline: float) -> Any:
+        """The rest of a request's reply, in the background; a late reply that says the
+        server had not loaded our code (it did not run) loads it and sends it again, as
+        the task path does."""
+        try:
+            return await exchange.finish(deadline)
+        except redis.ResponseError as e:
+            if exchange.needs_load(e, call.op) and isinstance(self.store, AsyncRedisStore):
+                return await self.store.run(call)
+            raise
 
     def _late_callback(self, call: ScriptCall) -> Callable[[asyncio.Future[Any]], None]:
         return functools.partial(deliver, functools.partial(self.on_late, call))

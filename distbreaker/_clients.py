@@ -374,6 +374,15 @@ class IdleConnections:
         else:
             pool_release(self.pool, conn)
 
+    def ready(self) -> Any:
+        """An idle asyncio connection that is usable now, without awaiting anything, or
+        None (none idle, or the one on top is dead: `aget` replaces it)."""
+        conn = self._pop() if self.own else None
+        if conn is not None and _dead(conn):
+            self._conns.append(conn)
+            return None
+        return conn
+
     async def aget(self) -> Any:
         conn = self._pop() if self.own else None
         if conn is None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -278,3 +280,118 @@ def test_bulk_replies_tell_an_os_timeout_from_a_slow_reply() -> None:
     with pytest.raises(redis.ConnectionError) as ei:
         asyncio.run(run())
     assert not isinstance(ei.value, redis.TimeoutError)
+
+
+class _Idle:
+    """What an `Exchange` gives its connection back to: counts both ways."""
+
+    def __init__(self) -> None:
+        self.pool = aredis.ConnectionPool()
+        self.put_back: list[Any] = []
+        self.released: list[Any] = []
+
+    def put(self, conn: Any) -> None:
+        self.put_back.append(conn)
+
+
+def _exchange(reader: asyncio.StreamReader, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any]:
+    from distbreaker.stores import redis as store_mod
+    from distbreaker.stores.redis import Exchange, _Packer
+
+    idle = _Idle()
+
+    async def release(pool: Any, conn: Any) -> None:
+        idle.released.append(conn)
+
+    monkeypatch.setattr(store_mod, "_arelease", release)
+    conn = aredis.Connection(socket_timeout=1.0)
+    conn._reader = reader
+    return Exchange(_Packer(), idle, conn, reader), idle
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11, 3), reason="the task-free path needs 3.11.3")
+async def test_exchange_reads_an_os_timeout_as_a_dead_connection(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """ETIMEDOUT from the OS while the caller reads its reply is a dead connection: a
+    ConnectionError marked sent, the connection dropped once, and nothing left to finish
+    (read as our own wait running out, the connection was read again after it had been
+    given back, and so handed to two users). Found by review."""
+    import errno
+
+    from distbreaker._clients import was_sent
+
+    reader = asyncio.StreamReader()
+    reader.set_exception(TimeoutError(errno.ETIMEDOUT, "Connection timed out"))
+    ex, idle = _exchange(reader, monkeypatch)
+    with pytest.raises(redis.ConnectionError) as ei:
+        await ex.reply(1.0)
+    assert not isinstance(ei.value, redis.TimeoutError) and was_sent(ei.value)
+    assert ex.settled and idle.released == [ex._conn] and idle.put_back == []
+    with pytest.raises(redis.ConnectionError):  # a finish() now reads nothing
+        await ex.finish(time.monotonic() + 1)
+    assert idle.released == [ex._conn]
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11, 3), reason="the task-free path needs 3.11.3")
+async def test_exchange_late_reply_is_finished_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No reply within the caller's wait: TimeoutError, nothing consumed; the background
+    finish reads it, and the connection goes back once."""
+    reader = asyncio.StreamReader()
+    ex, idle = _exchange(reader, monkeypatch)
+    with pytest.raises(TimeoutError):
+        await ex.reply(0.02)
+    assert not ex.settled
+    asyncio.get_running_loop().call_later(0.02, reader.feed_data, b"*2\r\n:1\r\n:7\r\n")
+    assert await ex.finish(time.monotonic() + 2) == [1, 7]
+    assert ex.settled and idle.put_back == [ex._conn] and idle.released == []
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11, 3), reason="the task-free path needs 3.11.3")
+async def test_exchange_finish_cancelled_drops_the_connection(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop ends while a late reply is awaited: the connection is dropped and its
+    slot given back, never left checked out (found by review: it leaked)."""
+    reader = asyncio.StreamReader()
+    ex, idle = _exchange(reader, monkeypatch)
+    with pytest.raises(TimeoutError):
+        await ex.reply(0.01)
+    task = asyncio.ensure_future(ex.finish(time.monotonic() + 10))
+    await asyncio.sleep(0.02)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert ex.settled and idle.released == [ex._conn] and idle.put_back == []
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11, 3), reason="the task-free path needs 3.11.3")
+async def test_a_late_not_loaded_reply_loads_the_library_and_runs_the_call_again() -> None:
+    """The caller gave up waiting (Redis paused); the reply, when it comes, says the
+    library is not loaded (FUNCTION FLUSH before): the call did not run, so it is loaded
+    and sent again in the background and its outcome counted once, with no failover
+    (found by review: the late error failed the client over)."""
+    from redis_server import RedisServer
+
+    server = RedisServer().start()
+    admin = server.client()
+    b = AsyncCircuitBreaker("late-noload", CircuitBreakerConfig(redis_timeout=0.05),
+                            redis=aredis.Redis(port=server.port))
+    try:
+        async def one() -> int:
+            return 1
+
+        await b.call(one)  # loads the library
+        admin.function_flush()
+        admin.execute_command("CLIENT", "PAUSE", 300, "ALL")
+        await b.call(one)  # its record waits for the pause and comes back "not loaded"
+        for _ in range(300):
+            w = admin.hgetall(f"distbreaker:v1:{{{b.name}}}:window")
+            if w.get(b"c") == b"2" and not b._engine.background:
+                break
+            await asyncio.sleep(0.01)
+        assert w.get(b"c") == b"2", w
+        m = b.get_metrics()
+        assert m.store_failovers == 0 and m.lost_outcomes == 0, m
+    finally:
+        await b.close()
+        admin.close()
+        server.stop()

@@ -447,6 +447,29 @@ class AsyncRedisStore:
     async def run(self, call: ScriptCall) -> Any:
         return await self.run_blocking(call)
 
+    def send_now(self, call: ScriptCall) -> Exchange | None:
+        """Start `call` without awaiting: on an idle connection that is ready, written into
+        its transport at once. The caller awaits `Exchange.reply` itself, without a task
+        between (two turns of the loop a call instead of four). None: no such connection
+        here now (none idle, a Cluster or other client, Python 3.10): use `run`."""
+        idle = self._idle
+        packer = self._packer
+        if (packer is None or _timeout is None or idle is None
+                or idle.pool is not self.client.connection_pool):
+            return None
+        conn = idle.ready()
+        if conn is None:
+            return None
+        writer = getattr(conn, "_writer", None)  # redis-py has no public transport
+        reader = getattr(conn, "_reader", None)
+        if (writer is None or reader is None or not conn.is_connected
+                or writer.transport.is_closing() or writer.transport.get_write_buffer_size()
+                or conn.health_check_interval):
+            idle.put(conn)
+            return None
+        writer.write(packer.pack(call))
+        return Exchange(packer, idle, conn, reader)
+
     async def alive(self, timeout: float) -> bool:
         """See `RedisStore.alive`."""
         try:
@@ -581,6 +604,106 @@ class AsyncRedisStore:
                 await idle.aput(conn)
             else:
                 await _arelease(idle.pool, conn)
+
+
+class Exchange:
+    """One request written by `AsyncRedisStore.send_now`, and its reply. `reply(wait)`
+    reads it in the caller's own task; when the caller stops waiting (no reply within
+    `wait`) or is cancelled, `finish` reads the rest in a background task, from the bytes
+    already parsed: the reply is read once and applied once, as when the request ran in a
+    task of its own. The connection is settled (given back, or dropped) exactly once:
+    `_settled` is set before any await that settles it, so a cancel landing there can
+    never lead `finish` to read a connection that is no longer this request's."""
+
+    __slots__ = ("_conn", "_idle", "_out", "_packer", "_parser", "_reader", "_settled")
+
+    def __init__(self, packer: _Packer, idle: Any, conn: Any,
+                 reader: asyncio.StreamReader) -> None:
+        self._packer = packer
+        self._idle = idle
+        self._conn = conn
+        self._reader = reader
+        self._parser = ReplyParser()
+        self._out: list[Any] = []
+        self._settled = False
+
+    @property
+    def settled(self) -> bool:
+        """The reply was read (or the connection dropped): nothing is left to finish."""
+        return self._settled
+
+    async def reply(self, wait: float) -> Any:
+        """The reply within `wait` seconds; raises TimeoutError without one (the request
+        is still in flight: `finish` it), the error of an error reply, or what a broken
+        connection raises (marked sent)."""
+        cm = _timeout(wait)
+        try:
+            async with cm:
+                return await self._read()
+        except TimeoutError:
+            if not cm.expired():  # not our wait: _read converts the OS's, so a bug
+                raise redis.ConnectionError("unexpected TimeoutError") from None
+            raise
+
+    async def _read(self) -> Any:
+        out, conn = self._out, self._conn
+        if self._settled:  # dropped while a cancel landed: the outcome is unknown
+            err = redis.ConnectionError("the request's connection was dropped")
+            _mark(err, True)
+            raise err
+        try:
+            while not out:
+                try:
+                    data = await self._reader.read(_CHUNK)
+                except OSError as e:  # ETIMEDOUT (keepalive) included: a dead connection
+                    raise redis.ConnectionError(
+                        f"Error while reading from the socket: {e}") from e
+                if not data:
+                    raise redis.ConnectionError("Connection closed by server.")
+                _parsed(conn, self._parser, data, out, 0, 1)
+        except asyncio.CancelledError:
+            raise  # a timeout or the caller's cancel: nothing was consumed, finish() reads on
+        except BaseException as e:
+            _mark(e, True)
+            await self._drop()
+            raise
+        self._settled = True
+        self._idle.put(conn)
+        if isinstance(out[0], BaseException):
+            raise out[0]  # an error reply, read in full: the connection is fine
+        return out[0]
+
+    async def _drop(self) -> None:
+        """Close the connection and give its slot back (once, even if cancelled here)."""
+        if self._settled:
+            return
+        self._settled = True
+        conn = self._conn
+        try:
+            await conn.disconnect()
+        finally:
+            await _arelease(self._idle.pool, conn)
+
+    def needs_load(self, e: BaseException, op: str) -> bool:
+        """Whether error reply `e` says the server has not loaded our code: the request
+        did not run, and `AsyncRedisStore.run` loads it and sends it again."""
+        return isinstance(e, redis.ResponseError) and self._packer.reload_for(e, op) is not None
+
+    async def finish(self, deadline: float) -> Any:
+        """Read the rest of the reply by `deadline` (monotonic), in a background task.
+        Cancelled (the loop ends), the connection is dropped, never left checked out."""
+        left = deadline - time.monotonic()
+        try:
+            async with _timeout(max(left, 0.0)):
+                return await self._read()
+        except TimeoutError:
+            await self._drop()
+            err = redis.TimeoutError("no reply within redis_background_timeout")
+            _mark(err, True)
+            raise err from None
+        except asyncio.CancelledError:
+            await self._drop()
+            raise
 
 
 async def _awrite(conn: Any, payloads: list[bytes]) -> None:

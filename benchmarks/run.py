@@ -484,55 +484,76 @@ def memory(port: int, plan: Plan) -> dict[str, Any]:
     return out
 
 
+SCALE_LINGER = 0.1  # the extra batched rows with batch_linger (docs/scaling.md)
+
+
 def scale(port: int, plan: Plan) -> dict[str, Any]:
     out: dict[str, Any] = {}
     admin = redis.Redis(host="127.0.0.1", port=port)
     stats = fp.CmdStats(admin)
+    ends = (min(plan.scale_ns), max(plan.scale_ns))
     for n in plan.scale_ns:
         for mode in ("strict", "batched"):
-            client = redis.Redis(host="127.0.0.1", port=port)
-            gc.collect()
-            rss0 = _rss()
-            mem0 = int(admin.info("memory")["used_memory"])
-            t0 = time.monotonic()
-            bs = [CircuitBreaker(f"bench-scale-{mode}-{n}-{i}", _cfg(consistency=mode),
-                                 redis=client) for i in range(n)]
-            build_s = time.monotonic() - t0
-            # batched: several calls per breaker, so each one's batching is steady
-            calls = max(plan.scale_calls, n * (SCALE_CALLS_PER_BREAKER if mode == "batched"
-                                               else 1))
-            for b in bs:
-                b.call(_noop)
-            for b in bs:
-                b.flush(30)
-            before = stats.snap()
-            pc = time.perf_counter_ns
-            t = pc()
-            for i in range(calls):
-                bs[i % n].call(_noop)
-            el = (pc() - t) / calls / 1000.0
-            for b in bs:
-                b.flush(60)
-            cmds = _commands(stats, before)
-            sample = bs[:: max(1, n // 100)]
-            redis_bytes = statistics.fmean(_own_bytes(admin, b, n) for b in sample)
-            out[f"{mode} x{n}"] = {
-                "breakers": n, "mode": mode, "us_per_call": el, "calls": calls,
-                "commands_per_outcome": cmds / calls,
-                # RSS moves in pages: meaningless for a single breaker
-                "process_bytes_per_breaker": (_rss() - rss0) / n if n >= 100 else math.nan,
-                "redis_bytes_per_breaker": redis_bytes,
-                "redis_used_memory_delta_per_breaker":
-                    (int(admin.info("memory")["used_memory"]) - mem0) / n,
-                "construct_s": build_s,
-            }
-            for b in bs:
-                b.close()
-            client.close()
-            del bs
-        out[f"asyncio batched x{n}"] = asyncio.run(_scale_async(port, n, plan, admin, stats))
+            out[f"{mode} x{n}"] = _scale_sync(port, n, mode, 0.0, plan, admin, stats)
+        out[f"asyncio batched x{n}"] = asyncio.run(_scale_async(port, n, 0.0, plan, admin,
+                                                                stats))
+        if n in ends:
+            out[f"batched linger x{n}"] = _scale_sync(port, n, "batched", SCALE_LINGER, plan,
+                                                      admin, stats)
+            out[f"asyncio batched linger x{n}"] = asyncio.run(
+                _scale_async(port, n, SCALE_LINGER, plan, admin, stats))
     admin.close()
     return out
+
+
+def _scale_sync(port: int, n: int, mode: str, linger: float, plan: Plan, admin: redis.Redis,
+                stats: fp.CmdStats) -> dict[str, Any]:
+    """One row of `scale`: `n` breakers of one client, calls round robin, every outcome
+    applied in Redis before the clock stops (all breakers flushed at once: each one
+    hurried first, then waited for, so the writer sends them in pipelines)."""
+    client = redis.Redis(host="127.0.0.1", port=port)
+    gc.collect()
+    rss0 = _rss()
+    mem0 = int(admin.info("memory")["used_memory"])
+    t0 = time.monotonic()
+    bs = [CircuitBreaker(f"bench-scale-{mode}-{linger}-{n}-{i}",
+                         _cfg(consistency=mode, batch_linger=linger), redis=client)
+          for i in range(n)]
+    build_s = time.monotonic() - t0
+    # batched: several calls per breaker, so each one's batching is steady
+    calls = max(plan.scale_calls, n * (SCALE_CALLS_PER_BREAKER if mode == "batched" else 1))
+    for b in bs:
+        b.call(_noop)
+    for b in bs:
+        b.flush(30)
+    before = stats.snap()
+    pc = time.perf_counter_ns
+    t = pc()
+    for i in range(calls):
+        bs[i % n].call(_noop)
+    for b in bs:
+        b.flush(0)  # hurry: send without waiting out a linger
+    for b in bs:
+        b.flush(60)
+    el = (pc() - t) / calls / 1000.0
+    cmds = _commands(stats, before)
+    sample = bs[:: max(1, n // 100)]
+    redis_bytes = statistics.fmean(_own_bytes(admin, b, n) for b in sample)
+    row = {
+        "breakers": n, "mode": mode + (f", linger {linger:g} s" if linger else ""),
+        "us_per_call": el, "calls": calls, "commands_per_outcome": cmds / calls,
+        # RSS moves in pages: meaningless for a single breaker
+        "process_bytes_per_breaker": (_rss() - rss0) / n if n >= 100 and not linger
+        else math.nan,
+        "redis_bytes_per_breaker": redis_bytes,
+        "redis_used_memory_delta_per_breaker":
+            (int(admin.info("memory")["used_memory"]) - mem0) / n,
+        "construct_s": build_s,
+    }
+    for b in bs:
+        b.close()
+    client.close()
+    return row
 
 
 async def _ayield() -> int:
@@ -540,24 +561,23 @@ async def _ayield() -> int:
     return 1
 
 
-async def _scale_async(port: int, n: int, plan: Plan, admin: redis.Redis,
+async def _scale_async(port: int, n: int, linger: float, plan: Plan, admin: redis.Redis,
                        stats: fp.CmdStats) -> dict[str, Any]:
-    """The asyncio twin of one batched row of `scale`."""
+    """The asyncio twin of one batched row of `scale` (flushed at once with gather)."""
     client = aredis.Redis(host="127.0.0.1", port=port)
-    bs = [AsyncCircuitBreaker(f"bench-scale-async-{n}-{i}", _cfg(consistency="batched"),
-                              redis=client) for i in range(n)]
+    bs = [AsyncCircuitBreaker(f"bench-scale-async-{linger}-{n}-{i}",
+                              _cfg(consistency="batched", batch_linger=linger), redis=client)
+          for i in range(n)]
     calls = max(plan.scale_calls, n * SCALE_CALLS_PER_BREAKER)
     for b in bs:
         await b.call(_ayield)
-    for b in bs:
-        await b.flush(30)
+    await asyncio.gather(*(b.flush(30) for b in bs))
     before = stats.snap()
     pc = time.perf_counter_ns
     t = pc()
     for i in range(calls):
         await bs[i % n].call(_ayield)
-    for b in bs:
-        await b.flush(60)
+    await asyncio.gather(*(b.flush(60) for b in bs))
     el = (pc() - t) / calls / 1000.0
     cmds = _commands(stats, before)
     conns = len(admin.client_list(_type="normal"))
@@ -566,7 +586,9 @@ async def _scale_async(port: int, n: int, plan: Plan, admin: redis.Redis,
     for b in bs:
         await b.close()
     await client.aclose()
-    return {"breakers": n, "mode": "asyncio batched", "us_per_call": el, "calls": calls,
+    return {"breakers": n, "mode": "asyncio batched" + (f", linger {linger:g} s" if linger
+                                                          else ""),
+            "us_per_call": el, "calls": calls,
             "commands_per_outcome": cmds / calls, "process_bytes_per_breaker": math.nan,
             "redis_bytes_per_breaker": redis_bytes, "connections": conns}
 
@@ -901,10 +923,14 @@ def render(r: dict[str, Any], groups: dict[str, list[Subject]]) -> str:
             f"{x['redis_bytes_per_breaker']:,.0f} |")
     add("")
     add(f"Batched rows time at least {SCALE_CALLS_PER_BREAKER} calls per breaker, round "
-        "robin, after one untimed call each; with `batch_linger` 0 a breaker's outcome "
-        "goes out as soon as its previous batch is back, so with many breakers a record "
-        "call carries few outcomes (commands per outcome above), and the due ones share one "
-        "pipeline per round trip. "
+        "robin, after one untimed call each, and the clock stops once every outcome is "
+        "applied in Redis (every breaker flushed at once: hurried, then waited for). With "
+        "`batch_linger` 0 a breaker's outcome goes out as soon as its previous batch is "
+        "back, so when each breaker is called less often than a round trip takes, every "
+        "outcome is a record call of its own (commands per outcome above), and the cost per "
+        "outcome is the call plus one record's client work; the due ones share one "
+        f"pipeline per round trip. The `linger {SCALE_LINGER:g} s` rows let a batch wait "
+        "that long for more outcomes, the lever docs/scaling.md describes. "
         "Process bytes are the growth of RSS over the breakers' construction and calls.")
     add("")
     add("## An idle fleet (no calls at all)")

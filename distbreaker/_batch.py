@@ -301,6 +301,7 @@ class ThreadWriter:
         self._ready: deque[WriterMember] = deque()
         self._queued: set[int] = set()
         self._timed: list[tuple[float, int, WriterMember]] = []  # (due, seq, breaker)
+        self._sched: dict[int, float] = {}  # breaker -> the due of its live entry in _timed
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
 
@@ -322,8 +323,9 @@ class ThreadWriter:
     def wake_at(self, breaker: WriterMember, due: float) -> None:
         """Wake `breaker` at monotonic time `due` (batched mode's linger)."""
         with self._cond:
-            heapq.heappush(self._timed, (due, next(self._seq), breaker))
-            self._cond.notify()
+            if schedule_wake(self._sched, breaker, due):
+                heapq.heappush(self._timed, (due, next(self._seq), breaker))
+                self._cond.notify()
 
     def _loop(self) -> None:
         while True:
@@ -331,7 +333,9 @@ class ThreadWriter:
                 while True:
                     now = time.monotonic()
                     while self._timed and self._timed[0][0] <= now:
-                        b = heapq.heappop(self._timed)[2]
+                        due, _, b = heapq.heappop(self._timed)
+                        if not live_wake(self._sched, b, due):
+                            continue  # replaced by an earlier wake, which ran
                         if id(b) not in self._queued:
                             self._queued.add(id(b))
                             self._ready.append(b)
@@ -391,6 +395,25 @@ class ThreadWriter:
                 _guarded(b, functools.partial(b.pipe_done, call, res, sent_at, memo))
         for b in alone:
             _guarded(b, b.flush_once)
+
+
+def schedule_wake(sched: dict[int, float], m: object, due: float) -> bool:
+    """Record a timed wake of `m` at `due`; False if one at or before `due` is pending
+    already (that one re-examines `m`, and schedules it again if it must wait)."""
+    have = sched.get(id(m))
+    if have is not None and have <= due:
+        return False
+    sched[id(m)] = due
+    return True
+
+
+def live_wake(sched: dict[int, float], m: object, due: float) -> bool:
+    """A timed wake of `m` at `due` came up: True if it is the live one (an entry that an
+    earlier wake replaced is stale, and skipped)."""
+    if sched.get(id(m)) != due:
+        return False
+    del sched[id(m)]
+    return True
 
 
 def _guarded(b: WriterMember, fn: Callable[[], Any]) -> Any:

@@ -30,7 +30,7 @@ import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ._batch import PIPELINE_MAX
+from ._batch import PIPELINE_MAX, live_wake, schedule_wake
 from ._process import PROCESS
 
 if TYPE_CHECKING:
@@ -68,6 +68,7 @@ class LoopWriter:
         self._ready: deque[LoopMember] = deque()
         self._queued: set[int] = set()
         self._timed: list[tuple[float, int, LoopMember]] = []  # (due, seq, member)
+        self._sched: dict[int, float] = {}  # member -> the due of its live entry in _timed
         self._seq = itertools.count()
         self._task: asyncio.Task[None] | None = None  # held: the loop keeps tasks weakly
         self._kick: asyncio.Future[None] | None = None  # set while the task waits
@@ -98,6 +99,7 @@ class LoopWriter:
         self._ready.clear()
         self._queued.clear()
         self._timed.clear()
+        self._sched.clear()
         self._waiting.clear()
         self._lanes.clear()
         self._task = self._kick = None
@@ -114,7 +116,7 @@ class LoopWriter:
             if id(m) not in self._queued:
                 self._queued.add(id(m))
                 self._ready.append(m)
-        elif due < math.inf:
+        elif due < math.inf and schedule_wake(self._sched, m, due):
             heapq.heappush(self._timed, (due, next(self._seq), m))
 
     async def _run(self) -> None:
@@ -124,7 +126,9 @@ class LoopWriter:
                 now = time.monotonic()
                 timed = self._timed
                 while timed and (cancelled or timed[0][0] <= now):
-                    m = heapq.heappop(timed)[2]
+                    due, _, m = heapq.heappop(timed)
+                    if not live_wake(self._sched, m, due):
+                        continue  # replaced by an earlier wake, which ran
                     if cancelled:
                         m.hurry()  # the loop ends: nothing waits for its linger
                     self._requeue(m, now)

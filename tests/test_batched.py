@@ -1084,3 +1084,36 @@ def test_a_pipeline_of_error_replies_reloads_and_applies_each_outcome_once(
         await c.aclose()
 
     asyncio.run(run())
+
+
+async def test_a_lingering_breaker_keeps_at_most_two_timed_wakes(
+        redis_server: RedisServer) -> None:
+    """Full batches go out while a breaker lingers: each one used to leave a timed wake
+    behind in the writer's heap (thousands for one breaker, found by review); a wake that
+    an earlier one covers is not pushed, and a replaced one is skipped when it comes up.
+    Both writers, the loop's and the thread's."""
+    from distbreaker._batch import thread_writer
+    from distbreaker._loop_writer import loop_writer
+
+    cfg = CircuitBreakerConfig(**{**BATCHED, "batch_linger": 0.3, "max_batch": 5})
+    c = aredis.Redis(port=redis_server.port)
+    a = AsyncCircuitBreaker(name(), cfg, redis=c)
+    s = CircuitBreaker(name(), cfg, redis=redis.Redis(port=redis_server.port))
+    try:
+        await a.refresh()
+        s.refresh()
+        most = [0, 0]
+        for _ in range(300):
+            await a.call(_aok)
+            s.call(ok)
+            await asyncio.sleep(0)
+            most[0] = max(most[0], len(loop_writer()._timed))
+            most[1] = max(most[1], len(thread_writer()._timed))
+        assert await a.flush(10) and s.flush(10)
+        assert most[0] <= 2 and most[1] <= 2, most
+        assert window(redis_server.client(), a.name)["c"] == "300"
+        assert window(redis_server.client(), s.name)["c"] == "300"
+    finally:
+        await a.close()
+        s.close()
+        await c.aclose()

@@ -21,7 +21,7 @@ from typing import Any
 import redis
 
 from ._batching import Batching
-from ._clients import STORE_ERRORS, deliver
+from ._clients import STORE_ERRORS, deliver, mark_sent
 from ._core import BreakerCore
 from ._engine import CLOSE_FLUSH_TIMEOUT_S, Engine
 from ._fallback import BACKGROUND, CALLER, OPERATOR, WRITER
@@ -47,6 +47,8 @@ class AsyncEngine(Engine):
         super().__init__(core, store, hub_kind, backend, client)
         self.store: AsyncMemoryStore | AsyncRedisStore = store
         self.background: set[asyncio.Future[Any]] = set()
+        #: late finishes of task-free requests (`_finish_late`), with their calls
+        self._late: dict[asyncio.Future[Any], ScriptCall] = {}
         self.writer: AsyncWriter | None = None
         if core.batching is not None:
             self.writer = AsyncWriter(self, core.batching)
@@ -65,6 +67,7 @@ class AsyncEngine(Engine):
     def at_exit(self) -> None:
         """The loop is gone by now: its writer task sent what it could when the loop
         cancelled it; anything left is reported."""
+        _orphans_lost(self._late, self.background, self.core)
         b = self.core.batching
         if b is not None and b.batch.outstanding():
             b.warn_unapplied("at exit (close() the breaker or flush() it before the event "
@@ -74,6 +77,8 @@ class AsyncEngine(Engine):
         await self.refresh(background=True)
 
     def hub_running(self) -> None:
+        if self._late:
+            _orphans_lost(self._late, self.background, self.core)
         hub = self._hub
         if isinstance(hub, AsyncHub):
             hub.ensure_running()
@@ -103,8 +108,10 @@ class AsyncEngine(Engine):
                 return await self._exchanged(call, exchange, sent_at)
         return await self._run(call, mode, sent_at)
 
-    async def _run(self, call: ScriptCall, mode: int, sent_at: float) -> Any:
-        """`run` through the store's awaitable path."""
+    async def _run(self, call: ScriptCall, mode: int, sent_at: float,
+                   wait: float | None = None) -> Any:
+        """`run` through the store's awaitable path; a caller waits `wait` (default:
+        redis_timeout)."""
         fb = self.core.fallback
         try:
             if mode == CALLER:
@@ -115,7 +122,8 @@ class AsyncEngine(Engine):
                 loop = asyncio.get_running_loop()
                 waiter = loop.create_future()
                 task = loop.create_task(_signalling(self.store.run(call), waiter))
-                timer = loop.call_later(self.config.redis_timeout, _wake, waiter, None)
+                timer = loop.call_later(self.config.redis_timeout if wait is None else wait,
+                                        _wake, waiter, None)
                 try:
                     await waiter
                 except asyncio.CancelledError:
@@ -160,7 +168,8 @@ class AsyncEngine(Engine):
             raise
         except STORE_ERRORS as e:
             if exchange.needs_load(e, call.op):  # not run: load it and send it again
-                return await self._run(call, CALLER, sent_at)
+                left = self.config.redis_timeout - (_monotonic() - sent_at)
+                return await self._run(call, CALLER, sent_at, max(left, 0.0))
             return fb.failed(call, e, CALLER, sent_at)
         return fb.answered(raw, sent_at)
 
@@ -168,7 +177,12 @@ class AsyncEngine(Engine):
         deadline = _monotonic() + self.config.redis_background_timeout
         task = asyncio.ensure_future(self._finish(call, exchange, deadline))
         self.keep(task)
+        self._late[task] = call
         task.add_done_callback(self._late_callback(call))
+        task.add_done_callback(self._unlate)
+
+    def _unlate(self, task: asyncio.Future[Any]) -> None:
+        self._late.pop(task, None)
 
     async def _finish(self, call: ScriptCall, exchange: Exchange, deadline: float) -> Any:
         """The rest of a request's reply, in the background; a late reply that says the
@@ -387,6 +401,23 @@ class AsyncWriter:
             b.unwait(notify)
             return False
         return True
+
+
+def _orphans_lost(late: dict[asyncio.Future[Any], ScriptCall],
+                  background: set[asyncio.Future[Any]], core: BreakerCore) -> None:
+    """Late finishes whose event loop closed before they ended (the loop's shutdown
+    cancelled their caller after listing the tasks it cancels and waits for, so nothing
+    ran them to the end): each outcome is reported lost, once. Their connections went
+    with their loop."""
+    for t, call in list(late.items()):
+        if t.done() or not t.get_loop().is_closed():
+            continue
+        del late[t]
+        background.discard(t)
+        err = redis.ConnectionError("the event loop closed before the reply came")
+        mark_sent(err, True)
+        events, _ = core.replies.late(call, None, err)  # a lease expires by itself
+        core.announcer.fire(events)
 
 
 def _wake(waiter: asyncio.Future[None], _: Any) -> None:

@@ -395,3 +395,49 @@ async def test_a_late_not_loaded_reply_loads_the_library_and_runs_the_call_again
         await b.close()
         admin.close()
         server.stop()
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11, 3), reason="the task-free path needs 3.11.3")
+def test_a_reply_awaited_when_the_loop_ends_is_reported_lost_once(server: RedisServer) -> None:
+    """asyncio.run ends while a strict caller awaits its reply (Redis paused): the
+    caller's cancel starts the late finish after the shutdown listed the tasks it waits
+    for, so nothing runs it to the end. Its outcome is reported lost once, when the
+    breaker is next used on another loop (or at exit); before, never (found by review)."""
+    import subprocess
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import asyncio, time
+        import redis, redis.asyncio as aredis
+        from distbreaker import AsyncCircuitBreaker, CircuitBreakerConfig
+
+        admin = redis.Redis(port={server.port})
+        b = AsyncCircuitBreaker("loop-end", CircuitBreakerConfig(redis_timeout=2.0,
+                                redis_background_timeout=5.0),
+                                redis=aredis.Redis(port={server.port}))
+
+        async def one():
+            return 1
+
+        async def main():
+            await b.call(one)
+            admin.execute_command("CLIENT", "PAUSE", 800, "ALL")
+            asyncio.ensure_future(b.call(one))
+            await asyncio.sleep(0.2)  # its reply is awaited when main returns
+
+        asyncio.run(main())
+        print(b.get_metrics().lost_outcomes)
+        time.sleep(0.8)
+
+        async def again():
+            await b.call(one)  # on a new loop
+            print(b.get_metrics().lost_outcomes)
+            await b.close()
+
+        asyncio.run(again())
+        print(b.get_metrics().lost_outcomes)
+    """)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60, check=False)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["0", "1", "1"], p.stdout + p.stderr

@@ -641,8 +641,11 @@ class Exchange:
             async with cm:
                 return await self._read()
         except TimeoutError:
-            if not cm.expired():  # not our wait: _read converts the OS's, so a bug
-                raise redis.ConnectionError("unexpected TimeoutError") from None
+            if not cm.expired():  # not our wait (_read converts the OS's): drop it
+                await self._drop()
+                err = redis.ConnectionError("unexpected TimeoutError")
+                _mark(err, True)
+                raise err from None
             raise
 
     async def _read(self) -> Any:

@@ -484,24 +484,15 @@ def memory(port: int, plan: Plan) -> dict[str, Any]:
     return out
 
 
-SCALE_LINGER = 0.1  # the extra batched rows with batch_linger (docs/scaling.md)
-
-
 def scale(port: int, plan: Plan) -> dict[str, Any]:
     out: dict[str, Any] = {}
     admin = redis.Redis(host="127.0.0.1", port=port)
     stats = fp.CmdStats(admin)
-    ends = (min(plan.scale_ns), max(plan.scale_ns))
     for n in plan.scale_ns:
         for mode in ("strict", "batched"):
             out[f"{mode} x{n}"] = _scale_sync(port, n, mode, 0.0, plan, admin, stats)
         out[f"asyncio batched x{n}"] = asyncio.run(_scale_async(port, n, 0.0, plan, admin,
                                                                 stats))
-        if n in ends:
-            out[f"batched linger x{n}"] = _scale_sync(port, n, "batched", SCALE_LINGER, plan,
-                                                      admin, stats)
-            out[f"asyncio batched linger x{n}"] = asyncio.run(
-                _scale_async(port, n, SCALE_LINGER, plan, admin, stats))
     admin.close()
     return out
 
@@ -509,8 +500,8 @@ def scale(port: int, plan: Plan) -> dict[str, Any]:
 def _scale_sync(port: int, n: int, mode: str, linger: float, plan: Plan, admin: redis.Redis,
                 stats: fp.CmdStats) -> dict[str, Any]:
     """One row of `scale`: `n` breakers of one client, calls round robin, every outcome
-    applied in Redis before the clock stops (all breakers flushed at once: each one
-    hurried first, then waited for, so the writer sends them in pipelines)."""
+    applied in Redis before the clock stops (the writer thread sends while the calls go
+    on; what it has not sent by their end is the flush's)."""
     client = redis.Redis(host="127.0.0.1", port=port)
     gc.collect()
     rss0 = _rss()
@@ -531,8 +522,7 @@ def _scale_sync(port: int, n: int, mode: str, linger: float, plan: Plan, admin: 
     t = pc()
     for i in range(calls):
         bs[i % n].call(_noop)
-    for b in bs:
-        b.flush(0)  # hurry: send without waiting out a linger
+    rss1 = _rss()  # the breakers and their calls, not the flush's passing waiters
     for b in bs:
         b.flush(60)
     el = (pc() - t) / calls / 1000.0
@@ -543,8 +533,7 @@ def _scale_sync(port: int, n: int, mode: str, linger: float, plan: Plan, admin: 
         "breakers": n, "mode": mode + (f", linger {linger:g} s" if linger else ""),
         "us_per_call": el, "calls": calls, "commands_per_outcome": cmds / calls,
         # RSS moves in pages: meaningless for a single breaker
-        "process_bytes_per_breaker": (_rss() - rss0) / n if n >= 100 and not linger
-        else math.nan,
+        "process_bytes_per_breaker": (rss1 - rss0) / n if n >= 100 else math.nan,
         "redis_bytes_per_breaker": redis_bytes,
         "redis_used_memory_delta_per_breaker":
             (int(admin.info("memory")["used_memory"]) - mem0) / n,
@@ -924,13 +913,12 @@ def render(r: dict[str, Any], groups: dict[str, list[Subject]]) -> str:
     add("")
     add(f"Batched rows time at least {SCALE_CALLS_PER_BREAKER} calls per breaker, round "
         "robin, after one untimed call each, and the clock stops once every outcome is "
-        "applied in Redis (every breaker flushed at once: hurried, then waited for). With "
+        "applied in Redis (flush() of every breaker; asyncio flushes them together). With "
         "`batch_linger` 0 a breaker's outcome goes out as soon as its previous batch is "
         "back, so when each breaker is called less often than a round trip takes, every "
-        "outcome is a record call of its own (commands per outcome above), and the cost per "
-        "outcome is the call plus one record's client work; the due ones share one "
-        f"pipeline per round trip. The `linger {SCALE_LINGER:g} s` rows let a batch wait "
-        "that long for more outcomes, the lever docs/scaling.md describes. "
+        "outcome is a record call of its own (commands per outcome above): the cost per "
+        "outcome is then the call plus one record's work, in Python and inside Redis, "
+        "whatever the batching; the due ones share one pipeline per round trip. "
         "Process bytes are the growth of RSS over the breakers' construction and calls.")
     add("")
     add("## An idle fleet (no calls at all)")

@@ -441,3 +441,38 @@ def test_a_reply_awaited_when_the_loop_ends_is_reported_lost_once(server: RedisS
                        timeout=60, check=False)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == ["0", "1", "1"], p.stdout + p.stderr
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11, 3), reason="the task-free path needs 3.11.3")
+def test_an_asyncio_strict_call_turns_the_loop_twice(server: RedisServer) -> None:
+    """The README's count: a strict call's request is written at once and its reply read
+    in the caller's task, two turns of the event loop per call (a task per request took
+    four, redis-py's own EVALSHA five). Counted over 200 calls, so a listener's turn now
+    and then does not matter."""
+
+    class Counting(asyncio.SelectorEventLoop):
+        turns = 0
+
+        def _run_once(self) -> None:
+            Counting.turns += 1
+            super()._run_once()  # type: ignore[misc]
+
+    async def main() -> float:
+        b = AsyncCircuitBreaker("turns", CircuitBreakerConfig(redis_timeout=2.0),
+                                redis=aredis.Redis(port=server.port))
+
+        async def one() -> int:
+            return 1
+
+        for _ in range(20):
+            await b.call(one)
+        t0 = Counting.turns
+        for _ in range(200):
+            await b.call(one)
+        per_call = (Counting.turns - t0) / 200
+        await b.close()
+        return per_call
+
+    with asyncio.Runner(loop_factory=Counting) as runner:
+        per_call = runner.run(main())
+    assert per_call <= 2.5, per_call

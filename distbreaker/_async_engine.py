@@ -1,9 +1,10 @@
 """The I/O of an asyncio breaker: the twin of `_sync_engine.SyncEngine`.
 
 The same steps on the running event loop. A caller waits at most redis_timeout for its
-request, which is a task: cancelling the caller does not cancel the request, whose
-outcome is applied when it comes (a granted probe lease is given back). Batched
-outcomes are sent by the loop's writer task instead of the writer thread.
+request, written at once and read in the caller's own task (`_exchanged`; a task of its
+own where that cannot be, `_run`): cancelling the caller does not cancel the request,
+whose outcome is applied when it comes, once (a granted probe lease is given back).
+Batched outcomes are sent by the loop's writer task instead of the writer thread.
 """
 
 from __future__ import annotations
@@ -153,6 +154,7 @@ class AsyncEngine(Engine):
             fb.answered(None)  # one stuck connection, not a silent Redis
             raise e
         return fb.failed(call, e, mode, sent_at)
+
     async def _exchanged(self, call: ScriptCall, exchange: Exchange, sent_at: float) -> Any:
         """`run` for a request written at once (`AsyncRedisStore.send_now`): its reply read
         in the caller's task for at most redis_timeout. A caller that stops waiting or is
@@ -316,7 +318,7 @@ class AsyncWriter:
 
     def batch_due(self) -> float:
         due = self.batching.due() if self._engine() is not None else _INF
-        if due == _INF:
+        if due == _INF and not self.batching.batch.busy:
             self._held = None  # nothing left to send: the breaker may go
         return due
 

@@ -10,6 +10,7 @@ touches its parent's sockets.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import time
@@ -476,3 +477,35 @@ def test_an_asyncio_strict_call_turns_the_loop_twice(server: RedisServer) -> Non
     with asyncio.Runner(loop_factory=Counting) as runner:
         per_call = runner.run(main())
     assert per_call <= 2.5, per_call
+
+
+@pytest.mark.parametrize("wire", [b"-ERR boom\r\n", b"-LOADING Redis is loading\r\n"])
+def test_an_error_reply_raised_leaves_no_reference_cycle(wire: bytes) -> None:
+    """An error reply raised from the reply reader must not make a cycle (the exception
+    in a local of a frame its traceback holds): only the GC would break it, and meanwhile
+    every frame of the call stays alive, a dropped breaker's engine among them. This is
+    why the dropped-breaker test failed under CPU load (5 runs in 12 with two hogs)."""
+    import gc
+    import weakref
+
+    from distbreaker.stores.redis import _read_reply
+
+    conn, _peer = _sync_conn(wire)
+
+    class Marker:
+        pass
+
+    def caller() -> Any:
+        m = Marker()
+        ref = weakref.ref(m)
+        with contextlib.suppress(redis.RedisError):
+            _read_reply(conn)
+        return ref
+
+    gc.collect()
+    gc.disable()
+    try:
+        ref = caller()
+        assert ref() is None  # the caller's frame (and m) went with the exception
+    finally:
+        gc.enable()

@@ -333,12 +333,9 @@ class AsyncWriter:
         return s if isinstance(s, AsyncRedisStore) and s.pipelines else None
 
     def take_for_pipe(self) -> ScriptCall | None:
-        """See `SyncEngine.take_for_pipe`."""
+        """See `BreakerCore.take_for_pipe` (`flush_once` is the lone path)."""
         e = self._engine()
-        g = e.core.fallback.guard if e is not None else None
-        if e is None or (g is not None and g.degraded):
-            return None
-        return self.batching.take()
+        return None if e is None else e.core.take_for_pipe()
 
     async def pipe_done(self, call: ScriptCall, result: Any, sent_at: float) -> None:
         """Apply the pipeline's result for `call` as `flush_once` applies its own (a

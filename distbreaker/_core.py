@@ -192,6 +192,14 @@ class BreakerCore:
                                   g.failovers if g is not None else 0,
                                   g is not None and g.misconfig is not None)
 
+    def take_for_pipe(self) -> ScriptCall | None:
+        """The next batch for a writer's pipeline, if one is due and Redis is up (while the
+        guard is down, the writer's lone path decides: a trial, or the fallback)."""
+        b, g = self.batching, self.fallback.guard
+        if b is None or (g is not None and g.degraded):
+            return None
+        return b.take()
+
     def after_fork(self) -> None:
         """In a forked child: fresh locks, no fallback, a new origin (the parent's and every
         sibling's pushes are not this child's own), no pending outcomes (the parent sends

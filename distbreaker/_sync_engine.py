@@ -185,13 +185,8 @@ class SyncEngine(Engine):
         return s if isinstance(s, RedisStore) and s.pipelines else None
 
     def take_for_pipe(self) -> ScriptCall | None:
-        """The next batch for the writer's pipeline, if one is due and Redis is up (while
-        the guard is down, `flush_once` decides: a trial, or the fallback)."""
-        b = self.core.batching
-        g = self.core.fallback.guard
-        if b is None or (g is not None and g.degraded):
-            return None
-        return b.take()
+        """See `BreakerCore.take_for_pipe` (`flush_once` is the lone path)."""
+        return self.core.take_for_pipe()
 
     def pipe_done(self, call: ScriptCall, result: Any, sent_at: float,
                   memo: dict[str, bool]) -> bool:

@@ -468,6 +468,29 @@ def test_async_loop_end_flushes(redis_server: RedisServer, redis_client: redis.R
     assert "Traceback" not in p.stderr, p.stderr
 
 
+def _count_sends(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list[int]]:
+    """Count what asyncio stores send: the size of every pipeline, and record calls sent
+    alone."""
+    from distbreaker.stores.redis import AsyncRedisStore
+
+    rounds: list[int] = []
+    singles = [0]
+    many, one = AsyncRedisStore._send_many, AsyncRedisStore._send
+
+    async def counted_many(self: AsyncRedisStore, payloads: list[bytes]) -> list[Any]:
+        rounds.append(len(payloads))
+        return await many(self, payloads)
+
+    async def counted_one(self: AsyncRedisStore, payload: bytes) -> Any:
+        if b"_record\r\n" in payload:
+            singles[0] += 1
+        return await one(self, payload)
+
+    monkeypatch.setattr(AsyncRedisStore, "_send_many", counted_many)
+    monkeypatch.setattr(AsyncRedisStore, "_send", counted_one)
+    return rounds, singles
+
+
 def test_async_loop_end_sends_every_lingering_breakers_outcomes(
         redis_server: RedisServer, redis_client: redis.Redis) -> None:
     """The loop ends while 100 breakers linger (nothing in flight), dropped by the code
@@ -596,23 +619,7 @@ async def test_async_one_writer_task_per_loop_for_many_breakers(
     """200 lingering breakers are held by one writer task on the loop (the twin of the
     writer thread), not one task each; each breaker's outcomes then go in one record
     call, and all 200 calls in one pipeline."""
-    from distbreaker.stores.redis import AsyncRedisStore
-
-    rounds: list[int] = []
-    singles = [0]
-    many, one = AsyncRedisStore._send_many, AsyncRedisStore._send
-
-    async def counted_many(self: AsyncRedisStore, payloads: list[bytes]) -> list[Any]:
-        rounds.append(len(payloads))
-        return await many(self, payloads)
-
-    async def counted_one(self: AsyncRedisStore, payload: bytes) -> Any:
-        if b"_record\r\n" in payload:
-            singles[0] += 1
-        return await one(self, payload)
-
-    monkeypatch.setattr(AsyncRedisStore, "_send_many", counted_many)
-    monkeypatch.setattr(AsyncRedisStore, "_send", counted_one)
+    rounds, singles = _count_sends(monkeypatch)
     server = RedisServer().start()
     admin = server.client()
     c = aredis.Redis(port=server.port)
@@ -927,27 +934,11 @@ async def _aboom() -> None:
 
 async def test_async_due_breakers_share_one_pipeline_and_few_connections(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """The asyncio twin: every breaker's drain task submits its batch to the client's one
-    pipeline on the loop, so batches due together go out together. Before, each drain
-    task took its own round trip on its own connection: 300 breakers held about 300
+    """The asyncio twin: the loop's writer sends the due batches of one client in one
+    pipeline, so batches due together go out together. Before pipelines, each breaker's
+    batch took its own round trip on its own connection: 300 breakers held about 300
     connections."""
-    from distbreaker.stores.redis import AsyncRedisStore
-
-    rounds: list[int] = []
-    singles = [0]
-    many, one = AsyncRedisStore._send_many, AsyncRedisStore._send
-
-    async def counted_many(self: AsyncRedisStore, payloads: list[bytes]) -> list[Any]:
-        rounds.append(len(payloads))
-        return await many(self, payloads)
-
-    async def counted_one(self: AsyncRedisStore, payload: bytes) -> Any:
-        if b"_record\r\n" in payload:
-            singles[0] += 1
-        return await one(self, payload)
-
-    monkeypatch.setattr(AsyncRedisStore, "_send_many", counted_many)
-    monkeypatch.setattr(AsyncRedisStore, "_send", counted_one)
+    rounds, singles = _count_sends(monkeypatch)
     server = RedisServer().start()  # its own: every connection on it is this test's
     redis_client = server.client()
     c = aredis.Redis(port=server.port)
